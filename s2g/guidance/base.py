@@ -1,0 +1,175 @@
+"""The shared algebra of every guider.
+
+Rectified flow: x_σ = (1-σ)·x0 + σ·ε and the network predicts the velocity v = ε - x0. At a fixed (x, σ) the
+denoised estimate D = x - σ·v and the noise estimate ε = x + (1-σ)·v are affine maps of v, so any guidance rule
+can be written on whichever of the three its paper uses. A guider turns the step's predictions into one
+`Estimate` (x̂0, ε̂); the sampler then steps x' = (1-σ')·x̂0 + σ'·ε̂ and never needs to know which guider ran.
+
+A guider only *requests* predictions (`Pass`es); the sampler decides how to batch and run them.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One prediction a guider needs at a step.
+
+    cond: conditional (True) or unconditional/negative (False) input.
+    skip: indices of blocks that run as identity (S² sub-networks, SLG).
+    denoiser: another network (Autoguidance's weak model); None means the sampler's main denoiser.
+    """
+
+    cond: bool = True
+    skip: frozenset = frozenset()
+    denoiser: Callable | None = None
+
+
+COND = Pass(cond=True)
+UNCOND = Pass(cond=False)
+
+
+@dataclass(frozen=True)
+class Step:
+    """Where the sampler is: step `index` of `num_steps`, going from `sigma` to `sigma_next`."""
+
+    index: int
+    num_steps: int
+    sigma: float
+    sigma_next: float
+
+
+class Estimate(NamedTuple):
+    """The step's guided estimate: denoised x̂0 and noise ε̂ (both shaped like x)."""
+
+    x0: Tensor
+    eps: Tensor
+
+
+def _bcast(sigma, x: Tensor):
+    """σ as a scalar or as a [B] tensor broadcast against x."""
+    if isinstance(sigma, Tensor) and sigma.ndim == 1:
+        return sigma.reshape(-1, *([1] * (x.ndim - 1)))
+    return sigma
+
+
+def denoised(x: Tensor, sigma, v: Tensor) -> Tensor:
+    """D = x - σ·v."""
+    return x - _bcast(sigma, x) * v
+
+
+def noise(x: Tensor, sigma, v: Tensor) -> Tensor:
+    """ε = x + (1-σ)·v."""
+    return x + (1 - _bcast(sigma, x)) * v
+
+
+def velocity_from_denoised(x: Tensor, sigma, d: Tensor) -> Tensor:
+    """v = (x - D)/σ (σ > 0)."""
+    return (x - d) / _bcast(sigma, x)
+
+
+def estimate_from_velocity(x: Tensor, sigma, v: Tensor) -> Estimate:
+    return Estimate(denoised(x, sigma, v), noise(x, sigma, v))
+
+
+def estimate_from_denoised(x: Tensor, sigma, d: Tensor) -> Estimate:
+    """The estimate whose Euler step uses the same v that D implies: ε = (x - (1-σ)·D)/σ."""
+    s = _bcast(sigma, x)
+    return Estimate(d, (x - (1 - s) * d) / s)
+
+
+def check_scale(name: str, value: float) -> float:
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+    return float(value)
+
+
+def check_interval(interval: Sequence[float]) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in interval)
+    except (TypeError, ValueError):
+        raise ValueError(f"interval must be a pair [sigma_lo, sigma_hi], got {interval!r}") from None
+    if not (0.0 <= lo <= 1.0 and 0.0 <= hi <= 1.0):
+        raise ValueError(f"interval must lie in [0, 1] (σ), got [{lo}, {hi}]")
+    if lo > hi:
+        raise ValueError(f"interval is reversed: [{lo}, {hi}] (expected [sigma_lo, sigma_hi] with lo <= hi)")
+    return lo, hi
+
+
+class Guider:
+    """Base class: a σ interval, the passes to request, and the combination rule.
+
+    Subclasses implement `guided_passes` / `guide` (the rule inside the interval). Outside the interval the
+    guider falls back to `fallback_passes` / `fallback` — the conditional prediction unless the method's paper
+    says otherwise (S² and SLG fall back to plain CFG).
+    """
+
+    def __init__(self, interval: Sequence[float] = (0.0, 1.0)):
+        self.interval = check_interval(interval)
+
+    # -- life cycle -------------------------------------------------------------------------------------------
+    def reset(self, num_blocks: int | None = None) -> None:
+        """Called by the sampler at the start of every sampling run (clears state, reseeds RNGs)."""
+
+    def active(self, step: Step) -> bool:
+        lo, hi = self.interval
+        return lo <= step.sigma <= hi
+
+    # -- what to run ------------------------------------------------------------------------------------------
+    def passes(self, step: Step) -> list[Pass]:
+        return self.guided_passes(step) if self.active(step) else self.fallback_passes(step)
+
+    def combine(self, x: Tensor, step: Step, passes: Sequence[Pass], velocities: Sequence[Tensor]) -> Estimate:
+        """Combine the velocities predicted for `passes` (same order) into the step's estimate."""
+        if self.active(step):
+            return self.guide(x, step, passes, velocities)
+        return self.fallback(x, step, passes, velocities)
+
+    # -- to override ------------------------------------------------------------------------------------------
+    def guided_passes(self, step: Step) -> list[Pass]:
+        raise NotImplementedError
+
+    def guide(self, x: Tensor, step: Step, passes, velocities) -> Estimate:
+        raise NotImplementedError
+
+    def fallback_passes(self, step: Step) -> list[Pass]:
+        return [COND]
+
+    def fallback(self, x: Tensor, step: Step, passes, velocities) -> Estimate:
+        return estimate_from_velocity(x, step.sigma, velocities[0])
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({fields})"
+
+
+def cfg_velocity(v_cond: Tensor, v_uncond: Tensor, scale: float) -> Tensor:
+    """v_u + w·(v_c - v_u): the same rule in D, v or ε, since the weights sum to 1."""
+    return v_uncond + scale * (v_cond - v_uncond)
+
+
+class CFGOutsideInterval:
+    """Mixin for methods whose paper falls back to plain CFG (at `self.scale`) outside their window."""
+
+    def fallback_passes(self, step: Step) -> list[Pass]:
+        return [COND, UNCOND]
+
+    def fallback(self, x: Tensor, step: Step, passes, velocities) -> Estimate:
+        return estimate_from_velocity(x, step.sigma, cfg_velocity(velocities[0], velocities[1], self.scale))
+
+
+def flat_dot(a: Tensor, b: Tensor) -> Tensor:
+    """Per-sample <a, b> over all non-batch dims, kept broadcastable against a."""
+    return (a * b).flatten(1).sum(1).reshape(-1, *([1] * (a.ndim - 1)))
+
+
+def as_generator(seed: int) -> torch.Generator:
+    g = torch.Generator(device="cpu")
+    g.manual_seed(int(seed))
+    return g

@@ -1,0 +1,22 @@
+"""Networks and their checkpoint loaders (SD3 MMDiT, VAE, text encoders, the embedded tiny model).
+
+Imports are lazy so that `import s2g.models` stays cheap and one missing optional part never breaks another.
+"""
+import importlib
+
+_EXPORTS = {
+    "MMDiT": ".mmdit",
+    "load_mmdit": ".checkpoint",
+    "load_state_dict": ".checkpoint",
+    "VAE": ".vae",
+    "load_vae": ".vae",
+}
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module 's2g.models' has no attribute {name!r}")
+
+
+__all__ = list(_EXPORTS)

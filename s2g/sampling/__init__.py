@@ -1,0 +1,28 @@
+"""Rectified-flow sampling: σ schedules, samplers, and the loop that runs a guider over a denoiser."""
+from __future__ import annotations
+
+import torch
+
+from ..guidance.base import Guider
+from .guided import GuidedDenoiser
+from .samplers import SAMPLERS, sample_dpmpp_2m, sample_euler
+from .schedules import sd3_sigmas, shift_sigma, uniform_sigmas
+
+
+@torch.no_grad()
+def sample(denoiser, noise: torch.Tensor, sigmas: torch.Tensor, guider: Guider, cond: dict,
+           uncond: dict | None = None, *, sampler: str = "euler", progress: bool = True) -> torch.Tensor:
+    """Integrate from `noise` (at σ = sigmas[0], normally 1) to σ = 0 and return the final sample.
+
+    `denoiser(x, sigma, *, skip=..., **cond) -> velocity`; `cond` / `uncond` are dicts of batched tensors.
+    The guider is reset first (state, mask RNG), so the same inputs always give the same output.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; known: {', '.join(SAMPLERS)}")
+    guider.reset(getattr(denoiser, "num_blocks", None))
+    guided = GuidedDenoiser(denoiser, guider, cond, uncond)
+    return SAMPLERS[sampler](guided, noise, sigmas, progress=progress)
+
+
+__all__ = ["sample", "sd3_sigmas", "shift_sigma", "uniform_sigmas", "GuidedDenoiser", "SAMPLERS",
+           "sample_euler", "sample_dpmpp_2m"]
