@@ -5,8 +5,10 @@ rather than a second copy in RAM. Pickle files (.ckpt/.pt/.pth/.bin) are refused
 """
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -83,3 +85,225 @@ def split_components(state_dict: Mapping[str, torch.Tensor]) -> dict[str, dict[s
         else:
             parts["other"][key] = value
     return parts
+
+
+# ------------------------------------------------------------------------------------------------ MMDiT loading
+ORIGINAL_PREFIX = COMPONENT_PREFIXES["mmdit"]
+
+# diffusers name -> original name, for tensors that map one to one (reference/sd3.md 2.3).
+_DIFFUSERS_TOP = {
+    "pos_embed.proj": "x_embedder.proj",
+    "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
+    "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
+    "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
+    "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2",
+    "context_embedder": "context_embedder",
+    "proj_out": "final_layer.linear",
+    "norm_out.linear": "final_layer.adaLN_modulation.1",  # halves swapped
+}
+_DIFFUSERS_BLOCK = {
+    "norm1.linear": "x_block.adaLN_modulation.1",
+    "norm1_context.linear": "context_block.adaLN_modulation.1",  # halves swapped in the last block
+    "attn.norm_q": "x_block.attn.ln_q",
+    "attn.norm_k": "x_block.attn.ln_k",
+    "attn.norm_added_q": "context_block.attn.ln_q",
+    "attn.norm_added_k": "context_block.attn.ln_k",
+    "attn.to_out.0": "x_block.attn.proj",
+    "attn.to_add_out": "context_block.attn.proj",
+    "attn2.norm_q": "x_block.attn2.ln_q",
+    "attn2.norm_k": "x_block.attn2.ln_k",
+    "attn2.to_out.0": "x_block.attn2.proj",
+    "ff.net.0.proj": "x_block.mlp.fc1",
+    "ff.net.2": "x_block.mlp.fc2",
+    "ff_context.net.0.proj": "context_block.mlp.fc1",
+    "ff_context.net.2": "context_block.mlp.fc2",
+}
+# diffusers' separate q, k, v projections -> (fused original qkv, row block): rows are [q | k | v].
+_DIFFUSERS_QKV = {
+    f"{attn}.{name}": (target, i)
+    for attn, names, target in [("attn", ("to_q", "to_k", "to_v"), "x_block.attn.qkv"),
+                                ("attn", ("add_q_proj", "add_k_proj", "add_v_proj"), "context_block.attn.qkv"),
+                                ("attn2", ("to_q", "to_k", "to_v"), "x_block.attn2.qkv")]
+    for i, name in enumerate(names)
+}
+
+
+def _swap_halves(t: torch.Tensor) -> torch.Tensor:
+    """(shift, scale) <-> (scale, shift): diffusers' AdaLayerNormContinuous chunks the other way round."""
+    a, b = t.chunk(2, dim=0)
+    return torch.cat([b, a], dim=0)
+
+
+def diffusers_to_original(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a diffusers `SD3Transformer2DModel` state dict to the original single-file MMDiT layout.
+    Keys it does not know (and incomplete q/k/v triples) keep their diffusers name, so they are reported."""
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[str, list] = {}  # fused target key -> [(diffusers key, tensor) or None] * 3
+    hidden = sd["pos_embed.proj.weight"].shape[0] if "pos_embed.proj.weight" in sd else None
+    for key, t in sd.items():
+        stem, _, leaf = key.rpartition(".")
+        block, n, sub = stem.split(".", 2) if stem.count(".") >= 2 else ("", "", "")
+        if key == "pos_embed.pos_embed":
+            out["pos_embed"] = t
+        elif stem in _DIFFUSERS_TOP:
+            out[f"{_DIFFUSERS_TOP[stem]}.{leaf}"] = _swap_halves(t) if stem == "norm_out.linear" else t
+        elif block == "transformer_blocks" and n.isdigit() and sub in _DIFFUSERS_BLOCK:
+            if sub == "norm1_context.linear" and t.shape[0] == 2 * hidden:  # last block: pre-only, 2 chunks
+                t = _swap_halves(t)
+            out[f"joint_blocks.{n}.{_DIFFUSERS_BLOCK[sub]}.{leaf}"] = t
+        elif block == "transformer_blocks" and n.isdigit() and sub in _DIFFUSERS_QKV:
+            target, i = _DIFFUSERS_QKV[sub]
+            qkv.setdefault(f"joint_blocks.{n}.{target}.{leaf}", [None] * 3)[i] = (key, t)
+        else:
+            out[key] = t
+    for target, parts in qkv.items():
+        if all(parts):
+            out[target] = torch.cat([t for _, t in parts], dim=0)
+        else:
+            out.update(p for p in parts if p)
+    return out
+
+
+def _guess_architecture(keys: list[str]) -> str:
+    def has(*prefixes):
+        return any(k.startswith(prefixes) for k in keys)
+    if has("encoder.down.", "decoder.up.", "encoder.down_blocks.", "decoder.up_blocks.", "first_stage_model."):
+        return "looks like a VAE"
+    if has("input_blocks.", "down_blocks.", "model.diffusion_model.input_blocks."):
+        return "looks like a UNet"
+    if has("double_blocks.", "single_blocks.", "single_transformer_blocks."):
+        return "looks like a Flux transformer"
+    if has("text_model.", "encoder.block.", "shared.", "text_encoders."):
+        return "looks like a text encoder"
+    return "unknown architecture"
+
+
+def _to_original_layout(sd: Mapping[str, torch.Tensor], name: str) -> tuple[dict[str, torch.Tensor], str]:
+    """Return (MMDiT tensors in the original bare layout, layout name); VAE/text parts of a full file are dropped."""
+    if any(k.startswith(ORIGINAL_PREFIX) for k in sd):
+        sd = split_components(sd)["mmdit"]
+    if any(k.startswith("joint_blocks.") for k in sd):
+        return dict(sd), "original"
+    if "pos_embed.proj.weight" in sd and any(k.startswith("transformer_blocks.") for k in sd):
+        return diffusers_to_original(sd), "diffusers"
+    keys = list(sd)
+    raise ValueError(f"{name}: not an SD3/SD3.5 MMDiT checkpoint ({_guess_architecture(keys)}; "
+                     f"{len(keys)} tensors, first keys: {', '.join(keys[:3]) or 'none'})")
+
+
+def _indices(sd: Mapping[str, torch.Tensor], marker: str = "") -> list[int]:
+    """Sorted block indices n of `joint_blocks.n.*` keys that contain `marker`."""
+    return sorted({int(k.split(".")[1]) for k in sd
+                   if k.startswith("joint_blocks.") and k.split(".")[1].isdigit() and marker in k})
+
+
+def infer_config(sd: Mapping[str, torch.Tensor], heads: int | None = None, name: str = "state dict"):
+    """MMDiTConfig from tensor shapes alone (original layout, bare keys); reference/sd3.md 2.4.
+
+    The head count is not visible in the shapes of a model without qk-norm: `heads` (default hidden/64, the
+    head size of every released model) fills that gap."""
+    from .mmdit import FREQ_DIM, MMDiTConfig
+
+    def need(key):
+        if key not in sd:
+            raise ValueError(f"{name}: cannot infer the MMDiT configuration, missing tensor {key!r}")
+        return sd[key].shape
+
+    D, in_ch, p, _ = need("x_embedder.proj.weight")
+    if need("t_embedder.mlp.0.weight")[1] != FREQ_DIM:
+        raise ValueError(f"{name}: t_embedder.mlp.0.weight takes {sd['t_embedder.mlp.0.weight'].shape[1]} "
+                         f"timestep features, this MMDiT uses {FREQ_DIM}")
+    n_pos = need("pos_embed")[1]
+    P = math.isqrt(n_pos)
+    if P * P != n_pos:
+        raise ValueError(f"{name}: pos_embed has {n_pos} positions, not a square table")
+    depth = _indices(sd)
+    if not depth or depth != list(range(depth[-1] + 1)):
+        raise ValueError(f"{name}: joint_blocks indices are not 0..N-1: {depth[:5]}...")
+    qk_norm = "joint_blocks.0.x_block.attn.ln_q.weight" in sd
+    if qk_norm:
+        heads_from_shape = D // sd["joint_blocks.0.x_block.attn.ln_q.weight"].shape[0]
+        if heads is not None and heads != heads_from_shape:
+            raise ValueError(f"{name}: heads={heads} contradicts the qk-norm size (heads {heads_from_shape})")
+        heads = heads_from_shape
+    elif heads is None:
+        if D % 64:
+            raise ValueError(f"{name}: hidden size {D} is not a multiple of 64; pass heads= explicitly")
+        heads = D // 64
+    return MMDiTConfig(
+        depth=len(depth), hidden=D, heads=heads, patch=p, in_channels=in_ch,
+        out_channels=need("final_layer.linear.weight")[0] // (p * p),
+        context_dim=need("context_embedder.weight")[1], pooled_dim=need("y_embedder.mlp.0.weight")[1],
+        pos_embed_max_size=P, qk_norm=qk_norm, dual_attention_blocks=tuple(_indices(sd, ".x_block.attn2.")),
+        mlp_ratio=need("joint_blocks.0.x_block.mlp.fc1.weight")[0] / D,
+    )
+
+
+def _source_name(source) -> str:
+    return str(source) if isinstance(source, (str, os.PathLike)) else "state dict"
+
+
+def _preset_name(config) -> str | None:
+    from .mmdit import CONFIGS
+    return next((k for k, v in CONFIGS.items() if v == config), None)
+
+
+@dataclass(frozen=True)
+class MMDiTInfo:
+    layout: str  # "original" or "diffusers"
+    config: object  # MMDiTConfig
+    num_params: int  # parameters, excluding the pos_embed buffer
+    preset: str | None  # name in mmdit.CONFIGS when the config is a released one
+
+    def __str__(self):
+        c = self.config
+        dual = f"{c.dual_attention_blocks[0]}..{c.dual_attention_blocks[-1]}" if c.dual_attention_blocks else "none"
+        return (f"MMDiT {self.preset or 'custom'} ({self.layout} layout): {self.num_params / 1e9:.3f}B params, "
+                f"depth {c.depth}, hidden {c.hidden}, heads {c.heads}, patch {c.patch}, pos table "
+                f"{c.pos_embed_max_size}^2, qk_norm {c.qk_norm}, dual attention {dual}, "
+                f"channels {c.in_channels}->{c.out_channels}, context {c.context_dim}, pooled {c.pooled_dim}")
+
+
+def describe_mmdit(source, *, heads: int | None = None) -> MMDiTInfo:
+    """Layout, inferred configuration and size of an MMDiT checkpoint (path or state dict; meta tensors work)."""
+    name = _source_name(source)
+    sd, layout = _to_original_layout(load_state_dict(source), name)
+    config = infer_config(sd, heads, name)
+    params = sum(t.numel() for k, t in sd.items() if k != "pos_embed")
+    return MMDiTInfo(layout, config, params, _preset_name(config))
+
+
+def _first(names, n=5) -> str:
+    names = sorted(names)
+    return ", ".join(names[:n]) + (f" (+{len(names) - n} more)" if len(names) > n else "")
+
+
+def load_mmdit(source, *, dtype: torch.dtype | None = None, device=None, heads: int | None = None):
+    """Build an `MMDiT` from a checkpoint whose layout and hyper-parameters are read off its tensors.
+
+    `source`: a `.safetensors` file (bare MMDiT, `model.diffusion_model.`-prefixed single file with or without
+    VAE/text encoders, or a diffusers transformer file / shard folder) or a state dict. `dtype` defaults to the
+    stored one. The model is built on the meta device and takes the (memory-mapped) tensors as they are, so
+    no second copy is made unless a dtype/device change asks for one."""
+    from .mmdit import MMDiT
+
+    name = _source_name(source)
+    sd, _ = _to_original_layout(load_state_dict(source), name)
+    config = infer_config(sd, heads, name)
+    with torch.device("meta"):
+        model = MMDiT(config)
+    expected = model.state_dict()
+    missing, unexpected = set(expected) - set(sd), set(sd) - set(expected)
+    if missing or unexpected:
+        parts = [f"missing {len(missing)} tensors: {_first(missing)}" if missing else "",
+                 f"unexpected {len(unexpected)} tensors: {_first(unexpected)}" if unexpected else ""]
+        raise ValueError(f"{name}: checkpoint does not match the inferred MMDiT ({'; '.join(p for p in parts if p)})")
+    for key, ref in expected.items():
+        if sd[key].shape != ref.shape:
+            raise ValueError(f"{name}: tensor {key} has shape {list(sd[key].shape)}, expected {list(ref.shape)} "
+                             f"for the inferred configuration")
+    dtype = dtype or sd["x_embedder.proj.weight"].dtype
+    sd = {k: t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device=device)
+          for k, t in sd.items()}
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model.eval()

@@ -1,0 +1,357 @@
+"""MMDiT: the Stable Diffusion 3 / 3.5 diffusion transformer (SD3-medium, SD3.5-medium "MMDiT-X", SD3.5-large).
+
+One file, read top to bottom: embedders, one stream of a joint block, the joint block, the final layer, the model.
+Parameter names follow the original single-file checkpoints (`joint_blocks.N.x_block.attn.qkv.weight`, ...), so
+those load with no renaming; checkpoint.py maps the diffusers layout onto them. Facts and traps:
+../../shared/reference/sd3.md sections 1 and 6 (LayerNorm eps 1e-6 without affine, tanh GELU, cos-then-sin
+timestep features, adaLN chunk order shift/scale/gate).
+
+The call is the Denoiser seam: `model(x, sigma, context, pooled, skip=())` -> velocity v = eps - x0, where
+x_sigma = (1 - sigma) x0 + sigma eps and the network sees the timestep 1000 * sigma.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class MMDiTConfig:
+    depth: int = 24
+    hidden: int = 1536
+    heads: int = 24
+    patch: int = 2
+    in_channels: int = 16
+    out_channels: int = 16
+    context_dim: int = 4096
+    pooled_dim: int = 2048
+    pos_embed_max_size: int = 192
+    qk_norm: bool = False  # RMSNorm on q and k per head (SD3.5)
+    dual_attention_blocks: tuple[int, ...] = field(default=())  # MMDiT-X: blocks with an extra image self-attention
+    mlp_ratio: float = 4.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "dual_attention_blocks", tuple(sorted(int(i) for i in self.dual_attention_blocks)))
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden {self.hidden} is not divisible by heads {self.heads}")
+        if (self.hidden // self.heads) % 2 or self.hidden % 4:
+            raise ValueError(f"hidden {self.hidden} must be a multiple of 4 and head_dim even")
+        bad = [i for i in self.dual_attention_blocks if not 0 <= i < self.depth]
+        if bad:
+            raise ValueError(f"dual_attention_blocks {bad} outside [0, {self.depth})")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+
+# The released models (reference/sd3.md 1.1); heads = depth, head_dim 64 in all three.
+CONFIGS = {
+    "sd3_medium": MMDiTConfig(depth=24, hidden=1536, heads=24, pos_embed_max_size=192),
+    "sd35_medium": MMDiTConfig(depth=24, hidden=1536, heads=24, pos_embed_max_size=384, qk_norm=True,
+                               dual_attention_blocks=tuple(range(13))),
+    "sd35_large": MMDiTConfig(depth=38, hidden=2432, heads=38, pos_embed_max_size=192, qk_norm=True),
+}
+
+FREQ_DIM = 256  # width of the sinusoidal timestep features
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return torch.addcmul(shift, x, 1 + scale)
+
+
+def timestep_embedding(t: Tensor, dim: int = FREQ_DIM, max_period: float = 10000.0) -> Tensor:
+    """[cos(t f_i), sin(t f_i)] with f_i = max_period^(-i/half), computed in fp32 (cos first, as SD3)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def sincos_pos_embed_2d(hidden: int, grid: int, device=None) -> Tensor:
+    """(grid*grid, hidden) table; first half encodes the column, second half the row (reference layout)."""
+    pos = torch.arange(grid, dtype=torch.float64, device=device)
+    omega = 1.0 / 10000 ** (torch.arange(hidden // 4, dtype=torch.float64, device=device) / (hidden / 4))
+
+    def embed_1d(p):  # (grid*grid,) -> (grid*grid, hidden/2)
+        a = p[:, None] * omega[None]
+        return torch.cat([torch.sin(a), torch.cos(a)], dim=1)
+
+    rows, cols = pos.repeat_interleave(grid), pos.repeat(grid)  # row-major token order
+    return torch.cat([embed_1d(cols), embed_1d(rows)], dim=1).float()
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch: int, in_channels: int, hidden: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, hidden, kernel_size=patch, stride=patch)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, h*w, D), row-major
+
+
+class MLPEmbedder(nn.Module):
+    """Linear-SiLU-Linear; used for the timestep features (t_embedder) and the pooled text vector (y_embedder)."""
+
+    def __init__(self, in_dim: int, hidden: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.mlp(x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+class Mlp(nn.Module):
+    def __init__(self, hidden: int, inner: int):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden, inner)
+        self.fc2 = nn.Linear(inner, hidden)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class Attention(nn.Module):
+    """Fused qkv projection (+ optional per-head RMS qk-norm) and output projection. The attention itself is done
+    by the caller, because in a joint block it runs over both streams at once."""
+
+    def __init__(self, hidden: int, heads: int, qk_norm: bool, pre_only: bool = False):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        if qk_norm:
+            self.ln_q = RMSNorm(hidden // heads)
+            self.ln_k = RMSNorm(hidden // heads)
+        if not pre_only:
+            self.proj = nn.Linear(hidden, hidden)
+
+    def qkv_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(B, L, D) -> q, k, v each (B, L, heads, head_dim)."""
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).unbind(2)
+        if hasattr(self, "ln_q"):
+            q, k = self.ln_q(q), self.ln_k(k)
+        return q, k, v
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """(B, L, heads, hd) x3 -> (B, L, heads*hd); plain softmax attention, no mask, scale 1/sqrt(hd)."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2).flatten(2)
+
+
+class StreamBlock(nn.Module):
+    """One stream (image `x_block` or text `context_block`) of a joint block: adaLN-Zero modulation, the qkv that
+    enter the joint attention, and the residual updates. `pre_only` (text stream of the last block) contributes
+    q, k, v only. `dual` (MMDiT-X image stream) adds an image-only self-attention `attn2` fed by the same norm."""
+
+    def __init__(self, hidden: int, heads: int, mlp_ratio: float, qk_norm: bool,
+                 pre_only: bool = False, dual: bool = False):
+        super().__init__()
+        self.pre_only, self.dual = pre_only, dual
+        self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden, heads, qk_norm, pre_only)
+        if dual:
+            self.attn2 = Attention(hidden, heads, qk_norm)
+        if not pre_only:
+            self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+            self.mlp = Mlp(hidden, int(hidden * mlp_ratio))
+        self.n_mod = 2 if pre_only else 9 if dual else 6
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, self.n_mod * hidden))
+
+    def pre_attention(self, x: Tensor, c: Tensor):
+        # chunks: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp[, shift_msa2, scale_msa2, gate_msa2]
+        mod = self.adaLN_modulation(c)[:, None].chunk(self.n_mod, dim=-1)
+        h = self.norm1(x)
+        qkv = self.attn.qkv_heads(modulate(h, mod[0], mod[1]))
+        if self.pre_only:
+            return qkv, None
+        x2 = attention(*self.attn2.qkv_heads(modulate(h, mod[6], mod[7]))) if self.dual else None
+        return qkv, (x, mod, x2)
+
+    def post_attention(self, attn_out: Tensor, x: Tensor, mod: tuple[Tensor, ...], x2: Tensor | None) -> Tensor:
+        x = torch.addcmul(x, mod[2], self.attn.proj(attn_out))
+        if x2 is not None:
+            x = torch.addcmul(x, mod[8], self.attn2.proj(x2))
+        return torch.addcmul(x, mod[5], self.mlp(modulate(self.norm2(x), mod[3], mod[4])))
+
+
+class JointBlock(nn.Module):
+    """Text and image streams with separate weights, joined in one attention over [context ; x] tokens."""
+
+    def __init__(self, hidden: int, heads: int, mlp_ratio: float, qk_norm: bool, last: bool, dual: bool):
+        super().__init__()
+        self.context_block = StreamBlock(hidden, heads, mlp_ratio, qk_norm, pre_only=last)
+        self.x_block = StreamBlock(hidden, heads, mlp_ratio, qk_norm, dual=dual)
+
+    def forward(self, context: Tensor, x: Tensor, c: Tensor) -> tuple[Tensor | None, Tensor]:
+        ctx_qkv, ctx_rest = self.context_block.pre_attention(context, c)
+        x_qkv, x_rest = self.x_block.pre_attention(x, c)
+        out = attention(*(torch.cat(pair, dim=1) for pair in zip(ctx_qkv, x_qkv)))
+        ctx_out, x_out = out.split([context.shape[1], x.shape[1]], dim=1)
+        context = None if ctx_rest is None else self.context_block.post_attention(ctx_out, *ctx_rest)
+        return context, self.x_block.post_attention(x_out, *x_rest)
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden: int, patch: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden, patch * patch * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=-1)  # shift first (original layout)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class MMDiT(nn.Module):
+    def __init__(self, config: MMDiTConfig | str = "sd3_medium", **overrides):
+        super().__init__()
+        if isinstance(config, str):
+            if config not in CONFIGS:
+                raise ValueError(f"unknown MMDiT config {config!r}; choose from {sorted(CONFIGS)}")
+            config = CONFIGS[config]
+        if overrides:
+            config = MMDiTConfig(**{**config.__dict__, **overrides})
+        self.config = cfg = config
+        D, P = cfg.hidden, cfg.pos_embed_max_size
+        self.x_embedder = PatchEmbed(cfg.patch, cfg.in_channels, D)
+        self.t_embedder = MLPEmbedder(FREQ_DIM, D)
+        self.y_embedder = MLPEmbedder(cfg.pooled_dim, D)
+        self.context_embedder = nn.Linear(cfg.context_dim, D)
+        self.register_buffer("pos_embed", torch.zeros(1, P * P, D))  # stored in checkpoints: always load it
+        dual = set(cfg.dual_attention_blocks)
+        self.joint_blocks = nn.ModuleList(
+            JointBlock(D, cfg.heads, cfg.mlp_ratio, cfg.qk_norm, last=i == cfg.depth - 1, dual=i in dual)
+            for i in range(cfg.depth))
+        self.final_layer = FinalLayer(D, cfg.patch, cfg.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """DiT-style init for training from scratch (the embedded tiny model): xavier linears, sin-cos positions,
+        zeroed adaLN and output so that every block starts as the identity. Free on the meta device."""
+        def xavier(m):
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        self.apply(xavier)
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        for emb in (self.t_embedder, self.y_embedder):
+            nn.init.normal_(emb.mlp[0].weight, std=0.02)
+            nn.init.normal_(emb.mlp[2].weight, std=0.02)
+        for block in self.joint_blocks:
+            for stream in (block.context_block, block.x_block):
+                nn.init.zeros_(stream.adaLN_modulation[1].weight)
+                nn.init.zeros_(stream.adaLN_modulation[1].bias)
+        for m in (self.final_layer.adaLN_modulation[1], self.final_layer.linear):
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+        P = self.config.pos_embed_max_size
+        with torch.no_grad():
+            self.pos_embed.copy_(sincos_pos_embed_2d(self.config.hidden, P, device=self.pos_embed.device)[None])
+
+    # ----------------------------------------------------------------------------------------- Denoiser seam
+    @property
+    def num_blocks(self) -> int:
+        return len(self.joint_blocks)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.joint_blocks
+
+    def _skip_set(self, skip) -> frozenset:
+        skip = frozenset(int(i) for i in skip) if skip is not None else frozenset()
+        bad = sorted(i for i in skip if not 0 <= i < self.num_blocks)
+        if bad:
+            raise ValueError(f"skip indices {bad} outside the {self.num_blocks} blocks [0, {self.num_blocks})")
+        return skip
+
+    def _embed(self, x: Tensor, sigma, context: Tensor, pooled: Tensor):
+        cfg, dtype = self.config, self.pos_embed.dtype
+        B, C, H, W = x.shape
+        p, P = cfg.patch, cfg.pos_embed_max_size
+        if C != cfg.in_channels:
+            raise ValueError(f"latent has {C} channels, the model expects {cfg.in_channels}")
+        if H % p or W % p:
+            raise ValueError(f"latent size {H}x{W} is not a multiple of the patch size {p}")
+        h, w = H // p, W // p
+        if h > P or w > P:
+            raise ValueError(f"latent size {H}x{W} ({h}x{w} patches) exceeds the position table {P}x{P} patches "
+                             f"(largest latent {P * p}x{P * p})")
+        if context.ndim != 3 or context.shape[0] != B or context.shape[-1] != cfg.context_dim:
+            raise ValueError(f"context must be [{B}, L, {cfg.context_dim}], got {list(context.shape)}")
+        if pooled.shape != (B, cfg.pooled_dim):
+            raise ValueError(f"pooled must be [{B}, {cfg.pooled_dim}], got {list(pooled.shape)}")
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(B)
+
+        top, left = (P - h) // 2, (P - w) // 2  # centre crop of the table
+        pos = self.pos_embed.view(1, P, P, -1)[:, top:top + h, left:left + w].flatten(1, 2)
+        tokens = self.x_embedder(x.to(dtype)) + pos
+        c = self.t_embedder(timestep_embedding(1000 * sigma).to(dtype)) + self.y_embedder(pooled.to(dtype))
+        return tokens, self.context_embedder(context.to(dtype)), c, (h, w)
+
+    def _head(self, tokens: Tensor, c: Tensor, h: int, w: int) -> Tensor:
+        p, C = self.config.patch, self.config.out_channels
+        out = self.final_layer(tokens, c).view(-1, h, w, p, p, C)  # feature index (pi*p + pj)*C + c
+        return torch.einsum("nhwpqc->nchpwq", out).reshape(-1, C, h * p, w * p)
+
+    def forward(self, x: Tensor, sigma, context: Tensor, pooled: Tensor, skip=None) -> Tensor:
+        """x [B,C,H,W], sigma [B] (or scalar) in [0,1], context [B,L,context_dim], pooled [B,pooled_dim];
+        blocks in `skip` are the identity for both streams. Returns the velocity in x's dtype."""
+        skip = self._skip_set(skip)
+        tokens, ctx, c, (h, w) = self._embed(x, sigma, context, pooled)
+        for i, block in enumerate(self.joint_blocks):
+            if i not in skip:
+                ctx, tokens = block(ctx, tokens, c)
+        return self._head(tokens, c, h, w).to(x.dtype)
+
+    def forward_shared(self, x: Tensor, sigma, context: Tensor, pooled: Tensor, skips) -> list[Tensor]:
+        """`[self(x, sigma, context, pooled, skip=s) for s in skips]`, computed once per distinct prefix.
+
+        Variants stay one group (one set of activations) while they agree on which blocks ran so far; a group
+        splits at the first block some members skip. At each block, all groups that run it go through it as one
+        batch. So a full pass plus an S² sub-network pass share every block before the first dropped index."""
+        skips = [self._skip_set(s) for s in skips]
+        tokens, ctx, c, (h, w) = self._embed(x, sigma, context, pooled)
+        B = x.shape[0]
+        groups = [(ctx, tokens, list(range(len(skips))))] if skips else []
+        for i, block in enumerate(self.joint_blocks):
+            kept, run = [], []
+            for g_ctx, g_x, members in groups:
+                skipping = [m for m in members if i in skips[m]]
+                running = [m for m in members if i not in skips[m]]
+                if skipping:
+                    kept.append((g_ctx, g_x, skipping))
+                if running:
+                    run.append((g_ctx, g_x, running))
+            if run:
+                n = len(run)
+                ctx_out, x_out = block(torch.cat([g[0] for g in run]), torch.cat([g[1] for g in run]),
+                                       c.repeat(n, 1) if n > 1 else c)
+                ctx_parts = ctx_out.split(B) if ctx_out is not None else [None] * n
+                kept += [(cp, xp, g[2]) for cp, xp, g in zip(ctx_parts, x_out.split(B), run)]
+            groups = kept
+        outs: list[Tensor | None] = [None] * len(skips)
+        for _, g_x, members in groups:
+            y = self._head(g_x, c, h, w).to(x.dtype)
+            for m in members:
+                outs[m] = y
+        return outs
