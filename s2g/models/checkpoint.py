@@ -28,9 +28,13 @@ COMPONENT_PREFIXES = {
 
 def _refuse_pickle(path: Path) -> None:
     with open(path, "rb") as f:
-        head = f.read(8)
+        head = f.read(9)
+    # A safetensors file starts with its header length (u64, little endian) and then the JSON header.
+    size = path.stat().st_size
+    looks_safetensors = len(head) == 9 and int.from_bytes(head[:8], "little") <= size - 8 and head[8:9] == b"{"
     # torch.save writes a zip (PK\x03\x04) or, in legacy mode, a raw pickle (protocol >= 2 starts with 0x80).
-    if path.suffix.lower() in PICKLE_SUFFIXES or head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+    is_pickle = head[:4] == b"PK\x03\x04" or head[:1] == b"\x80"
+    if path.suffix.lower() in PICKLE_SUFFIXES or (is_pickle and not looks_safetensors):
         raise ValueError(
             f"{path}: pickle checkpoints are never loaded (unpickling can run arbitrary code); convert it once, "
             f"in an environment you trust, with safetensors.torch.save_file(torch.load(...), 'model.safetensors')"
