@@ -11,16 +11,19 @@ from .schedules import sd3_sigmas, shift_sigma, uniform_sigmas
 
 @torch.no_grad()
 def sample(denoiser, noise: torch.Tensor, sigmas: torch.Tensor, guider: Guider, cond: dict,
-           uncond: dict | None = None, *, sampler: str = "euler", progress: bool = True) -> torch.Tensor:
+           uncond: dict | None = None, *, sampler: str = "euler", progress: bool = True,
+           share_prefix: bool = True) -> torch.Tensor:
     """Integrate from `noise` (at σ = sigmas[0], normally 1) to σ = 0 and return the final sample.
 
     `denoiser(x, sigma, *, skip=..., **cond) -> velocity`; `cond` / `uncond` are dicts of batched tensors.
     The guider is reset first (state, mask RNG), so the same inputs always give the same output.
+    `share_prefix`: let conditional passes that differ only in skipped blocks share their common first blocks
+    (needs `denoiser.forward_shared`; equal to separate passes up to float rounding).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; known: {', '.join(SAMPLERS)}")
     guider.reset(getattr(denoiser, "num_blocks", None))
-    guided = GuidedDenoiser(denoiser, guider, cond, uncond)
+    guided = GuidedDenoiser(denoiser, guider, cond, uncond, share_prefix)
     return SAMPLERS[sampler](guided, noise, sigmas, progress=progress)
 
 

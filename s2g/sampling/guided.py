@@ -23,8 +23,9 @@ class GuidedDenoiser:
     (e.g. context=, pooled= for the MMDiT; label= for the toy MLP).
     """
 
-    def __init__(self, denoiser, guider: Guider, cond: dict, uncond: dict | None = None):
+    def __init__(self, denoiser, guider: Guider, cond: dict, uncond: dict | None = None, share_prefix: bool = True):
         self.denoiser, self.guider, self.cond, self.uncond = denoiser, guider, cond, uncond
+        self.share_prefix = share_prefix
         self.calls = 0  # network calls made, for benchmarks and tests of the batching
 
     def _call(self, denoiser, x: Tensor, sigma: Tensor, skip: frozenset, cond: dict) -> Tensor:
@@ -44,6 +45,7 @@ class GuidedDenoiser:
         if any(not p.cond for p in passes) and self.uncond is None:
             raise ValueError(f"{type(self.guider).__name__} needs an unconditional input but none was given")
         results: dict[Pass, Tensor] = {}
+        self._run_shared(x, sig, groups, results)
         for (net, skip), conds in groups.items():
             net_fn = self.denoiser if net is None else net
             if conds == {True, False} and _stackable(self.cond, self.uncond):
@@ -55,6 +57,26 @@ class GuidedDenoiser:
                 for c in sorted(conds, reverse=True):
                     results[Pass(c, skip, net)] = self._call(net_fn, x, sig, skip, self.cond if c else self.uncond)
         return [results[p] for p in passes]
+
+    def _run_shared(self, x: Tensor, sig: Tensor, groups: dict, results: dict) -> None:
+        """Conditional passes that differ only in skipped blocks (S² sub-networks, SLG) share every block before
+        the first one they disagree on, when the network offers `forward_shared`. The handled conditional
+        requests are removed from `groups`; an unconditional pass then runs on its own."""
+        by_net: dict = {}
+        for (net, skip), conds in groups.items():
+            if True in conds:
+                by_net.setdefault(net, []).append(skip)
+        for net, skips in by_net.items():
+            net_fn = self.denoiser if net is None else net
+            if not (self.share_prefix and hasattr(net_fn, "forward_shared") and any(skips)):
+                continue
+            self.calls += 1
+            outs = net_fn.forward_shared(x, sig, skips=skips, **self.cond)
+            for skip, v in zip(skips, outs):
+                results[Pass(True, skip, net)] = v.to(x.dtype)
+                groups[(net, skip)].discard(True)
+        for key in [k for k, conds in groups.items() if not conds]:
+            del groups[key]
 
     def __call__(self, x: Tensor, step: Step) -> Estimate:
         passes = self.guider.passes(step)
