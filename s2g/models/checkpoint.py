@@ -288,7 +288,7 @@ def load_mmdit(source, *, dtype: torch.dtype | None = None, device=None, heads: 
     `source`: a `.safetensors` file (bare MMDiT, `model.diffusion_model.`-prefixed single file with or without
     VAE/text encoders, or a diffusers transformer file / shard folder) or a state dict. `dtype` defaults to the
     stored one. The model is built on the meta device and takes the (memory-mapped) tensors as they are, so
-    no second copy is made unless a dtype/device change asks for one."""
+    no second copy is made unless a dtype/device change asks for one. Returned frozen, in eval mode."""
     from .mmdit import MMDiT
 
     name = _source_name(source)
@@ -310,4 +310,4 @@ def load_mmdit(source, *, dtype: torch.dtype | None = None, device=None, heads: 
     sd = {k: t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device=device)
           for k, t in sd.items()}
     model.load_state_dict(sd, strict=True, assign=True)
-    return model.eval()
+    return model.requires_grad_(False).eval()
