@@ -311,8 +311,9 @@ def test_conditioner_rejects_mismatched_parts(conditioner_files, clip_files, spi
         load_sd3_text(**kw, context_dim=100)
     parts = load_sd3_text(**kw)
     with pytest.raises(ValueError, match="max_length"):
-        SD3TextConditioner(parts.clip_l, parts.clip_g, parts.tokenizer_l, parts.tokenizer_g, load_t5(d / "t5.safetensors"),
-                           T5Tokenizer(spiece_dir / "spiece.model", max_length=10), t5_length=40)
+        SD3TextConditioner(parts.clip_l, parts.clip_g, parts.tokenizer_l, parts.tokenizer_g,
+                           load_t5(d / "t5.safetensors"), T5Tokenizer(spiece_dir / "spiece.model", max_length=10),
+                           t5_length=40)
 
 
 # --- bad input -------------------------------------------------------------------------------------------------
@@ -337,3 +338,27 @@ def test_bad_encoder_files(tmp_path, hf_clip_g, hf_t5):
         load_t5(extra)
     with pytest.raises(ValueError, match="unknown activation"):
         load_clip(hf_clip_g.state_dict(), act="relu", project=True)
+
+
+def test_released_shapes_infer_released_configs():
+    """CLIP-L, bigG and T5-v1.1-XXL shaped state dicts (meta device: nothing allocated) -> the released configs."""
+    with torch.device("meta"):
+        clip_l = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+            hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+            hidden_act="quick_gelu"))
+        clip_g = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
+            hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+            projection_dim=1280, hidden_act="gelu"))
+        t5 = transformers.T5EncoderModel(transformers.T5Config(
+            vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+            feed_forward_proj="gated-gelu"))
+    ours_l = load_clip(clip_l.state_dict(), act="quick_gelu", project=False)
+    ours_g = load_clip(clip_g.state_dict(), act="gelu", project=True)
+    ours_t5 = load_t5(t5.state_dict())
+    assert (ours_l.config.layers, ours_l.config.width, ours_l.config.heads, ours_l.config.mlp) == (12, 768, 12, 3072)
+    assert (ours_g.config.layers, ours_g.config.heads, ours_g.config.projection_dim) == (32, 20, 1280)
+    t5_cfg = ours_t5.config
+    assert (t5_cfg.layers, t5_cfg.heads, t5_cfg.d_kv, t5_cfg.d_ff) == (24, 64, 64, 10240)
+    for ours, ref in ((ours_l, clip_l), (ours_g, clip_g), (ours_t5, t5)):
+        n_ref = sum(p.numel() for p in ref.parameters())  # T5: shared and embed_tokens are one tied tensor
+        assert sum(p.numel() for p in ours.parameters()) == n_ref

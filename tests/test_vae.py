@@ -136,6 +136,10 @@ def test_corrupt_file(tmp_path):
         load_vae(path)
     with pytest.raises(FileNotFoundError):
         load_vae(tmp_path / "missing.safetensors")
+    pickle = tmp_path / "vae.ckpt"
+    pickle.write_bytes(b"PK\x03\x04 a torch.save zip")
+    with pytest.raises(ValueError, match="pickle"):
+        load_vae(pickle)  # refused before anything is unpickled
 
 
 def test_wrong_architecture(ref):
