@@ -49,7 +49,7 @@ class SD3TextConditioner(nn.Module):
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         dev = self.device
         h_l, pool_l = self.clip_l(self.tokenizer_l(prompts).to(dev))
-        h_g, pool_g = self.clip_g(self.tokenizer_g(prompts).to(dev))
+        h_g, pool_g = (t.to(h_l.dtype) for t in self.clip_g(self.tokenizer_g(prompts).to(dev)))  # files may differ
         lg = torch.cat([h_l, h_g], dim=-1)
         lg = F.pad(lg, (0, self.context_dim - lg.shape[-1]))  # zero features up to the T5 width
         if self.t5 is not None:
