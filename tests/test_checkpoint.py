@@ -132,7 +132,7 @@ def spec_original_shapes(depth, D, P, qk_norm, dual=(), C=16, ctx=4096, pooled=2
             attns = ["attn", "attn2"] if is_dual else ["attn"]
             for a in attns:
                 s[pre + f"{a}.qkv.weight"], s[pre + f"{a}.qkv.bias"] = (3 * D, D), (3 * D,)
-                if qk_norm or a == "attn2":
+                if qk_norm:
                     s[pre + f"{a}.ln_q.weight"] = s[pre + f"{a}.ln_k.weight"] = (head_dim,)
                 if not pre_only:
                     s[pre + f"{a}.proj.weight"], s[pre + f"{a}.proj.bias"] = (D, D), (D,)

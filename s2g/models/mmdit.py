@@ -149,10 +149,13 @@ class Attention(nn.Module):
         return q, k, v
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """(B, L, heads, hd) x3 -> (B, L, heads*hd); plain softmax attention, no mask, scale 1/sqrt(hd)."""
+def attention(q: Tensor, k: Tensor, v: Tensor, split: list[int] | None = None):
+    """(B, L, heads, hd) x3 -> (B, L, heads*hd), or a tuple of such split along L; plain softmax attention, no
+    mask, scale 1/sqrt(hd). Splitting before merging the heads leaves each part contiguous for its projection."""
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out.transpose(1, 2).flatten(2)
+    if split is None:
+        return out.transpose(1, 2).flatten(2)
+    return tuple(o.transpose(1, 2).flatten(2) for o in out.split(split, dim=2))
 
 
 class StreamBlock(nn.Module):
@@ -202,8 +205,8 @@ class JointBlock(nn.Module):
     def forward(self, context: Tensor, x: Tensor, c: Tensor) -> tuple[Tensor | None, Tensor]:
         ctx_qkv, ctx_rest = self.context_block.pre_attention(context, c)
         x_qkv, x_rest = self.x_block.pre_attention(x, c)
-        out = attention(*(torch.cat(pair, dim=1) for pair in zip(ctx_qkv, x_qkv)))
-        ctx_out, x_out = out.split([context.shape[1], x.shape[1]], dim=1)
+        ctx_out, x_out = attention(*(torch.cat(pair, dim=1) for pair in zip(ctx_qkv, x_qkv)),
+                                   split=[context.shape[1], x.shape[1]])
         context = None if ctx_rest is None else self.context_block.post_attention(ctx_out, *ctx_rest)
         return context, self.x_block.post_attention(x_out, *x_rest)
 
