@@ -15,6 +15,7 @@ Devices: the pipeline draws noise and steps on the CPU in fp32 (as diffusers ste
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -80,14 +81,25 @@ def _unset(value) -> bool:
     return value is None or value == "???"  # "???" = Hydra's mandatory value, left unset
 
 
-def _file(key: str, value, what: str) -> Path:
-    """The path given for config key `key`, checked to exist; the error names the key to set."""
+def _file(key: str, value, what: str, folder_ok: bool = False) -> Path:
+    """The path given for config key `key`, checked to exist; the error names the key to set. Weights may also be
+    a diffusers folder of .safetensors shards (`folder_ok`)."""
     if _unset(value):
         raise ValueError(f"model.{key}: not set; give the {what} (model.{key}=/path/...)")
     path = Path(str(value)).expanduser()
-    if not path.is_file():
+    if not (path.is_file() or folder_ok and path.is_dir()):
         raise FileNotFoundError(f"model.{key}: file not found: {path}")
     return path
+
+
+@contextmanager
+def _named(key: str):
+    """Prefix a loading error with the config key whose file caused it."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as e:
+        msg = str(e)
+        raise type(e)(msg if msg.startswith("model.") else f"model.{key}: {msg}") from None
 
 
 def _dtype(value, default: torch.dtype) -> torch.dtype:
@@ -144,27 +156,33 @@ def load_sd3(checkpoint, *, clip_l=None, clip_g=None, t5=None, clip_vocab=None, 
         force_upcast). device: "auto" = cuda if available.
     """
     # every file is checked before anything is read, so a typo fails in a second with the key to fix
-    ckpt_path = _file("checkpoint", checkpoint, "MMDiT checkpoint (.safetensors)")
+    ckpt_path = _file("checkpoint", checkpoint, "MMDiT checkpoint (.safetensors)", folder_ok=True)
     vocab = _file("clip_vocab", clip_vocab, "CLIP tokenizer vocab.json")
     merges = _file("clip_merges", clip_merges, "CLIP tokenizer merges.txt")
-    parts_given = {key: _file(key, value, f"{key} weights (.safetensors)") for key, value in
+    parts_given = {key: _file(key, value, f"{key} weights (.safetensors)", folder_ok=True) for key, value in
                    (("clip_l", clip_l), ("clip_g", clip_g), ("vae", vae), ("weak_checkpoint", weak_checkpoint))
                    if not _unset(value)}
     no_t5 = t5 is False or (isinstance(t5, str) and t5.lower() in ("false", "none"))
     if not no_t5 and not _unset(t5):
-        parts_given["t5"] = _file("t5", t5, "T5 weights (.safetensors)")
+        parts_given["t5"] = _file("t5", t5, "T5 weights (.safetensors)", folder_ok=True)
     spiece = None if _unset(t5_spiece) else _file("t5_spiece", t5_spiece, "T5 tokenizer spiece.model")
 
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device in (None, "auto") else device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"model.device: {device} requested, but no CUDA device is available (use device=auto)")
     dtype = _dtype(dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
 
-    state = load_state_dict(ckpt_path)  # memory-mapped: the parts below are views of the file
-    parts = split_components(state)
+    with _named("checkpoint"):
+        parts = split_components(load_state_dict(ckpt_path))  # memory-mapped: parts are views of the file
+    for key, path in parts_given.items():
+        with _named(key):
+            parts_given[key] = load_state_dict(path)
     t5_source = None if no_t5 else parts_given.get("t5") or parts["t5xxl"] or None
     if t5_source is not None and spiece is None:
         raise ValueError("model.t5_spiece: not set, but T5 weights are given; set the T5 tokenizer "
                          "(model.t5_spiece=/path/spiece.model) or run without T5 (model.t5=false)")
-    mmdit = load_mmdit(state, dtype=dtype, device=device)
+    with _named("checkpoint"):
+        mmdit = load_mmdit(ckpt_path, dtype=dtype, device=device)
 
     def part(key: str, component: str, what: str):
         if key in parts_given:
@@ -174,7 +192,8 @@ def load_sd3(checkpoint, *, clip_l=None, clip_g=None, t5=None, clip_vocab=None, 
         raise ValueError(f"model.{key}: not set, and {ckpt_path.name} holds no {what} (no "
                          f"'{COMPONENT_PREFIXES[component]}*' tensors); give its file (model.{key}=/path/...)")
 
-    vae_model = load_vae(part("vae", "vae", "VAE"), dtype=_dtype(vae_dtype, torch.float32), device=device)
+    with _named("vae"):
+        vae_model = load_vae(part("vae", "vae", "VAE"), dtype=_dtype(vae_dtype, torch.float32), device=device)
     shape = latent_shape(image_size, mmdit.config, vae_model.config)
     if vae_model.config.latent_channels != mmdit.config.in_channels:
         raise ValueError(f"the VAE has {vae_model.config.latent_channels} latent channels, the MMDiT "
@@ -192,5 +211,11 @@ def load_sd3(checkpoint, *, clip_l=None, clip_g=None, t5=None, clip_vocab=None, 
 
     weak = None
     if "weak_checkpoint" in parts_given:
-        weak = OnDevice(load_mmdit(parts_given["weak_checkpoint"], dtype=dtype, device=device))
+        with _named("weak_checkpoint"):
+            weak_mmdit = load_mmdit(parts_given["weak_checkpoint"], dtype=dtype, device=device)
+        fits = lambda c: (c.in_channels, c.context_dim, c.pooled_dim)  # noqa: E731
+        if fits(weak_mmdit.config) != fits(mmdit.config):
+            raise ValueError(f"model.weak_checkpoint: its MMDiT takes (latent channels, context, pooled) = "
+                             f"{fits(weak_mmdit.config)}, the main one {fits(mmdit.config)}")
+        weak = OnDevice(weak_mmdit)
     return TextToImage(OnDevice(mmdit), SD3Text(text), shape, VAEDecode(vae_model), weak)

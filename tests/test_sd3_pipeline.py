@@ -213,6 +213,27 @@ def test_separate_files_equal_single_file(parts, files, tmp_path):
     assert torch.equal(split.decode(z), whole.decode(z))
 
 
+def test_weak_checkpoint_for_autoguidance(parts, files, tmp_path):
+    """A weak MMDiT identical to the main one makes autoguidance D_w + w(D - D_w) = D: the conditional sampler."""
+    from s2g.guidance import AutoGuidance, Conditional
+
+    full = files / "sd3_full.safetensors"
+    kw = dict(**tok_args(parts), t5_length=T5_LEN, image_size=[H, W], device="cpu")
+    pipe = load_sd3(full, weak_checkpoint=full, **kw)
+    assert pipe.weak.num_blocks == 3
+    noise, ident = initial_latents(), dict(decode=lambda z: z)
+    auto = dataclasses.replace(pipe, **ident)(PROMPTS, AutoGuidance(scale=3.0), steps=3, noise=noise)
+    plain = dataclasses.replace(pipe, **ident)(PROMPTS, Conditional(), steps=3, noise=noise)
+    assert (auto - plain).abs().max() <= 1e-5 * plain.abs().max()
+    other = _random_(diffusers.SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=32,
+        num_attention_heads=2, joint_attention_dim=128, caption_projection_dim=64, pooled_projection_dim=112,
+        pos_embed_max_size=16), seed=5)
+    _save(tmp_path / "weak.safetensors", other.state_dict())
+    with pytest.raises(ValueError, match=r"^model\.weak_checkpoint: .* \(16, 128, 112\), the main one \(16, 256, 112\)"):
+        load_sd3(full, weak_checkpoint=tmp_path / "weak.safetensors", **kw)
+
+
 def test_bfloat16_runs_close_to_fp32(parts, files):
     """dtype=bfloat16: MMDiT and T5 in bf16, VAE in fp32, the Euler step in fp32 (as diffusers)."""
     kw = dict(**tok_args(parts), t5_length=T5_LEN, image_size=[H, W], device="cpu")
@@ -296,6 +317,11 @@ def test_loader_errors_name_the_config_key(parts, files, tmp_path):
         (dict(checkpoint=full, **tok, image_size=272), ValueError, r"exceeds the position table .* 256 px"),
         (dict(checkpoint=full, **tok, image_size="big"), ValueError, r"image_size must be an int or"),
         (dict(checkpoint=full, **tok, dtype="float64"), ValueError, r"dtype 'float64' not understood"),
+        (dict(checkpoint=full, **tok, vae=tmp_path), FileNotFoundError,  # a folder is allowed (diffusers vae/)
+         r"^model\.vae: no \.safetensors file in directory"),
+        (dict(checkpoint=full, **tok, clip_l=_save(tmp_path / "bad.pt", {"a": torch.zeros(1)})), ValueError,
+         r"^model\.clip_l: .*bad\.pt: pickle checkpoints are never loaded"),
+        (dict(checkpoint=parts.tok / "vocab.json", **tok), ValueError, r"^model\.checkpoint: .*vocab\.json: not a "),
     ]
     for args, exc, pattern in cases:
         with pytest.raises(exc, match=pattern) as info:
