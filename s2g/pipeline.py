@@ -1,0 +1,164 @@
+"""Text-to-image: prompts -> conditioning -> guided rectified-flow sampling -> decode -> images.
+
+The pipeline is model-agnostic along two seams:
+- `text_encoder.encode(prompts) -> dict of batched cond tensors` (here {"context", "pooled"}); the empty prompt
+  "" gives the unconditional input, as SD3's negative prompt does;
+- `decode(latents) -> images in [0, 1]`: `pixels_to_images` for the pixel-space tiny model, a VAE for SD3.
+The denoiser is anything with the Denoiser seam (`denoiser(x, sigma, *, skip, **cond)`), the guider any
+s2g.guidance guider.
+
+Randomness: the initial noise comes from a generator seeded with `seed` and is drawn once for the whole request,
+so an image depends on its seed and its position in the request, not on how requests are split into batches.
+The S² mask generator is the guider's own (seeded from the run seed by the config), so it never consumes the
+noise generator.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+
+from .models.checkpoint import load_mmdit, load_state_dict
+from .models.tiny_text import TinyTextEncoder
+from .sampling import sample, sd3_sigmas
+
+ASSETS = Path(__file__).parent / "assets"
+TINY_CHECKPOINT = ASSETS / "tiny.safetensors"
+TINY_WEAK_CHECKPOINT = ASSETS / "tiny_weak.safetensors"
+TEXT_PREFIX = "text_encoders.tiny."
+
+
+def pixels_to_images(x: torch.Tensor) -> torch.Tensor:
+    """Decoder of the pixel-space tiny model: [-1, 1] -> [0, 1]."""
+    return ((x + 1) / 2).clamp(0, 1)
+
+
+@dataclass
+class TextToImage:
+    denoiser: Callable
+    text_encoder: object
+    latent_shape: tuple[int, int, int]  # (C, H, W) of one sample
+    decode: Callable = pixels_to_images
+    weak: Callable | None = None  # Autoguidance's weak denoiser, if the model config names one
+
+    @torch.no_grad()
+    def conditioning(self, prompts: list[str]) -> tuple[dict, dict]:
+        """(cond, uncond) for the prompts; the unconditional input is the encoding of ""."""
+        cond = self.text_encoder.encode(list(prompts))
+        uncond = self.text_encoder.encode([""] * len(prompts))
+        return cond, uncond
+
+    def noise(self, n: int, seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(int(seed))
+        return torch.randn((n, *self.latent_shape), generator=g)
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str], guider, *, seed: int = 0, steps: int = 28, shift: float = 3.0,
+                 sampler: str = "euler", batch_size: int | None = None, noise: torch.Tensor | None = None,
+                 progress: bool = False) -> torch.Tensor:
+        """Images [N, C, H, W] in [0, 1] for N prompts. Prompts are validated (encoded) before any sampling."""
+        prompts = list(prompts)
+        cond, uncond = self.conditioning(prompts)  # bad prompts fail here, before the expensive part
+        if getattr(guider, "weak", "absent") is None:
+            if self.weak is None:
+                raise ValueError(f"{type(guider).__name__} needs a weak model, but this model config names none "
+                                 f"(set model.weak_checkpoint)")
+            guider.weak = self.weak
+        if noise is None:
+            noise = self.noise(len(prompts), seed)
+        sigmas = sd3_sigmas(steps, shift)
+        batch_size = batch_size or len(prompts)
+        out = []
+        for i in range(0, len(prompts), batch_size):
+            sl = slice(i, i + batch_size)
+            out.append(sample(self.denoiser, noise[sl], sigmas, guider,
+                              {k: v[sl] for k, v in cond.items()}, {k: v[sl] for k, v in uncond.items()},
+                              sampler=sampler, progress=progress))
+        return self.decode(torch.cat(out))
+
+
+# ---------------------------------------------------------------------------------------------- the tiny model
+
+
+def _metadata(path) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata() or {}
+
+
+def load_tiny_text(path, dtype: torch.dtype = torch.float32) -> TinyTextEncoder:
+    """The tiny text encoder stored under `text_encoders.tiny.` (vocabulary and sizes in the header)."""
+    state = load_state_dict(path)
+    text_state = {k[len(TEXT_PREFIX):]: v.to(dtype) for k, v in state.items() if k.startswith(TEXT_PREFIX)}
+    if not text_state:
+        raise ValueError(f"{path}: no tensors under {TEXT_PREFIX!r}: not a tiny text-to-image checkpoint")
+    return TinyTextEncoder.from_state_dict(text_state, _metadata(path)).eval()
+
+
+def load_tiny(checkpoint=TINY_CHECKPOINT, weak_checkpoint=TINY_WEAK_CHECKPOINT, image_size: int | None = None,
+              dtype: torch.dtype = torch.float32) -> TextToImage:
+    """The embedded pixel-space model: MMDiT + tiny text encoder from one file, optional weak MMDiT."""
+    checkpoint = Path(checkpoint).expanduser()
+    for key, path in (("checkpoint", checkpoint), ("weak_checkpoint", weak_checkpoint)):
+        if path and not Path(path).expanduser().is_file():
+            raise FileNotFoundError(f"model.{key}: file not found: {path}")
+    text = load_tiny_text(checkpoint, dtype)
+    # load_mmdit reads the model.diffusion_model.* part of the single file; other prefixes are ignored there
+    mmdit = load_mmdit({k: v for k, v in load_state_dict(checkpoint).items() if not k.startswith(TEXT_PREFIX)},
+                       dtype=dtype)
+    size = image_size or int(_metadata(checkpoint).get("image_size", 32))
+    weak = None
+    if weak_checkpoint:
+        weak = load_mmdit(Path(weak_checkpoint).expanduser(), dtype=dtype)
+    return TextToImage(mmdit, text, (mmdit.config.in_channels, size, size), pixels_to_images, weak)
+
+
+# ------------------------------------------------------------------------------------------------------ grids
+
+
+def image_grid(images: torch.Tensor, rows: int, cols: int, pad: int = 2, scale: int = 1,
+               pad_value: float = 0.5) -> torch.Tensor:
+    """[rows*cols, C, H, W] (row-major) -> one [C, H', W'] image, each tile upscaled by `scale` (nearest)."""
+    if images.shape[0] != rows * cols:
+        raise ValueError(f"{images.shape[0]} images do not fill a {rows}x{cols} grid")
+    if scale > 1:
+        images = images.repeat_interleave(scale, -2).repeat_interleave(scale, -1)
+    C, H, W = images.shape[1:]
+    grid = torch.full((C, rows * (H + pad) + pad, cols * (W + pad) + pad), pad_value)
+    for k, img in enumerate(images):
+        r, c = divmod(k, cols)
+        grid[:, pad + r * (H + pad):pad + r * (H + pad) + H, pad + c * (W + pad):pad + c * (W + pad) + W] = img
+    return grid
+
+
+def save_png(image: torch.Tensor, path, row_labels=None, col_labels=None, tile: int | None = None,
+             pad: int = 2) -> None:
+    """Save a [C, H, W] image in [0, 1] as PNG, optionally with text labels left of rows / above columns."""
+    from PIL import Image, ImageDraw
+
+    arr = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    img = Image.fromarray(arr)
+    if row_labels or col_labels:
+        left = 8 + 6 * max((len(s) for s in row_labels or []), default=0)
+        top = 16 if col_labels else 0
+        canvas = Image.new("RGB", (img.width + left, img.height + top), (255, 255, 255))
+        canvas.paste(img, (left, top))
+        draw = ImageDraw.Draw(canvas)
+        for i, s in enumerate(row_labels or []):
+            draw.text((4, top + pad + i * (tile + pad) + tile // 2 - 5), s, fill=(0, 0, 0))
+        for j, s in enumerate(col_labels or []):
+            draw.text((left + pad + j * (tile + pad) + 2, 2), s, fill=(0, 0, 0))
+        img = canvas
+    img.save(path)
+
+
+def describe_checkpoint(path) -> dict:
+    """The training record stored in a tiny checkpoint's header (command, steps, time, machine, config)."""
+    meta = _metadata(path)
+    out = {k: meta[k] for k in ("command", "steps", "train_seconds", "final_loss", "machine") if k in meta}
+    if "config" in meta:
+        out["config"] = json.loads(meta["config"])
+    return out
