@@ -230,7 +230,7 @@ def test_weak_checkpoint_for_autoguidance(parts, files, tmp_path):
         num_attention_heads=2, joint_attention_dim=128, caption_projection_dim=64, pooled_projection_dim=112,
         pos_embed_max_size=16), seed=5)
     _save(tmp_path / "weak.safetensors", other.state_dict())
-    with pytest.raises(ValueError, match=r"^model\.weak_checkpoint: .* \(16, 128, 112\), the main one \(16, 256, 112\)"):
+    with pytest.raises(ValueError, match=r"^model\.weak_checkpoint: .* \(16, 128, 112\), the main one \(16, 256"):
         load_sd3(full, weak_checkpoint=tmp_path / "weak.safetensors", **kw)
 
 
