@@ -61,7 +61,7 @@ def load_state_dict(source) -> dict[str, torch.Tensor]:
         raise TypeError(f"expected a path or a state dict, got {type(source).__name__}")
     path = Path(source).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
+        raise FileNotFoundError(f"file not found: {path}")
     if path.is_dir():  # diffusers folder: one file or `*-0000k-of-0000n.safetensors` shards
         files = sorted(path.glob("*.safetensors"))
         if not files:

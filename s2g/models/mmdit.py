@@ -12,7 +12,7 @@ x_sigma = (1 - sigma) x0 + sigma eps and the network sees the timestep 1000 * si
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
@@ -224,6 +224,9 @@ class FinalLayer(nn.Module):
 
 
 class MMDiT(nn.Module):
+    """`MMDiT("sd35_medium")`, `MMDiT(MMDiTConfig(...))` or `MMDiT("sd3_medium", depth=4)`; random DiT-style init.
+    Real weights come through `checkpoint.load_mmdit`, which infers the config from the tensors."""
+
     def __init__(self, config: MMDiTConfig | str = "sd3_medium", **overrides):
         super().__init__()
         if isinstance(config, str):
@@ -231,7 +234,7 @@ class MMDiT(nn.Module):
                 raise ValueError(f"unknown MMDiT config {config!r}; choose from {sorted(CONFIGS)}")
             config = CONFIGS[config]
         if overrides:
-            config = MMDiTConfig(**{**config.__dict__, **overrides})
+            config = replace(config, **overrides)
         self.config = cfg = config
         D, P = cfg.hidden, cfg.pos_embed_max_size
         self.x_embedder = PatchEmbed(cfg.patch, cfg.in_channels, D)
