@@ -144,7 +144,17 @@ def heldout(cfg: DictConfig, run_dir: Path, cache_dir: Path) -> None:
 
 @hydra.main(config_path="../configs", config_name="toy", version_base=None)
 def main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        # the user's input, not a bug: one clear line and a non-zero exit, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run(cfg: DictConfig) -> None:
     torch.set_num_threads(int(cfg.threads))
+    figures.FORMATS[:] = list(cfg.toy.figures.formats)
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     if cfg.cache_dir:
@@ -165,7 +175,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, FileExistsError) as e:  # Hydra re-raises after logging
-        sys.exit(f"error: {e}")
+    main()

@@ -24,8 +24,11 @@ TITLES = {"conditional": "(a) conditional", "cfg": "(b) CFG", "autoguidance": "(
           "naive_s2": "(d) naive S²", "s2": "(e) S²"}
 
 
+FORMATS = ["png", "pdf"]  # scripts/toy.py sets this from toy.figures.formats
+
+
 def save(fig, stem: Path) -> list[Path]:
-    paths = [Path(f"{stem}.png"), Path(f"{stem}.pdf")]
+    paths = [Path(f"{stem}.{ext}") for ext in FORMATS]
     for p in paths:
         fig.savefig(p, dpi=110, bbox_inches="tight")
     plt.close(fig)
