@@ -328,13 +328,13 @@ def test_bad_encoder_files(tmp_path, hf_clip_g, hf_t5):
     with pytest.raises(ValueError, match="not a T5"):
         load_t5(hf_clip_g.state_dict())
     sd = {k: v for k, v in hf_clip_g.state_dict().items() if k != "text_model.encoder.layers.1.mlp.fc2.bias"}
-    with pytest.raises(ValueError, match=r"1 missing \['text_model.encoder.layers.1.mlp.fc2.bias'\]"):
+    with pytest.raises(ValueError, match="missing 1 tensors: text_model.encoder.layers.1.mlp.fc2.bias"):
         load_clip(sd, act="gelu", project=True)
     with pytest.raises(ValueError, match="no text_projection"):
         load_clip({k: v for k, v in hf_clip_g.state_dict().items() if k != "text_projection.weight"},
                   act="gelu", project=True)
     extra = dict(hf_t5.state_dict(), **{"encoder.block.0.layer.2.weight": torch.zeros(1)})
-    with pytest.raises(ValueError, match=r"unexpected \['encoder.block.0.layer.2.weight'\]"):
+    with pytest.raises(ValueError, match="unexpected 1 tensors: encoder.block.0.layer.2.weight"):
         load_t5(extra)
     with pytest.raises(ValueError, match="unknown activation"):
         load_clip(hf_clip_g.state_dict(), act="relu", project=True)

@@ -282,6 +282,29 @@ def _first(names, n=5) -> str:
     return ", ".join(names[:n]) + (f" (+{len(names) - n} more)" if len(names) > n else "")
 
 
+def build_with_weights(make, sd: dict[str, torch.Tensor], *, what: str, dtype=None, device=None):
+    """`make()` built on the meta device, then given exactly the tensors of `sd` (every key, every shape).
+
+    Tensors are assigned, not copied, so a memory-mapped file is not duplicated when dtype and device already
+    match. `what` starts each error message. Returned frozen, in eval mode."""
+    with torch.device("meta"):
+        model = make()
+    expected = model.state_dict()
+    missing, unexpected = set(expected) - set(sd), set(sd) - set(expected)
+    if missing or unexpected:
+        parts = [f"missing {len(missing)} tensors: {_first(missing)}" if missing else "",
+                 f"unexpected {len(unexpected)} tensors: {_first(unexpected)}" if unexpected else ""]
+        raise ValueError(f"{what} ({'; '.join(p for p in parts if p)})")
+    for key, ref in expected.items():
+        if sd[key].shape != ref.shape:
+            raise ValueError(f"{what}: tensor {key} has shape {list(sd[key].shape)}, expected {list(ref.shape)}")
+    dtype = dtype or next(t.dtype for t in sd.values() if t.is_floating_point())
+    sd = {k: t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device=device)
+          for k, t in sd.items()}
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model.requires_grad_(False).eval()
+
+
 def load_mmdit(source, *, dtype: torch.dtype | None = None, device=None, heads: int | None = None):
     """Build an `MMDiT` from a checkpoint whose layout and hyper-parameters are read off its tensors.
 
@@ -294,20 +317,5 @@ def load_mmdit(source, *, dtype: torch.dtype | None = None, device=None, heads: 
     name = _source_name(source)
     sd, _ = _to_original_layout(load_state_dict(source), name)
     config = infer_config(sd, heads, name)
-    with torch.device("meta"):
-        model = MMDiT(config)
-    expected = model.state_dict()
-    missing, unexpected = set(expected) - set(sd), set(sd) - set(expected)
-    if missing or unexpected:
-        parts = [f"missing {len(missing)} tensors: {_first(missing)}" if missing else "",
-                 f"unexpected {len(unexpected)} tensors: {_first(unexpected)}" if unexpected else ""]
-        raise ValueError(f"{name}: checkpoint does not match the inferred MMDiT ({'; '.join(p for p in parts if p)})")
-    for key, ref in expected.items():
-        if sd[key].shape != ref.shape:
-            raise ValueError(f"{name}: tensor {key} has shape {list(sd[key].shape)}, expected {list(ref.shape)} "
-                             f"for the inferred configuration")
-    dtype = dtype or sd["x_embedder.proj.weight"].dtype
-    sd = {k: t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device=device)
-          for k, t in sd.items()}
-    model.load_state_dict(sd, strict=True, assign=True)
-    return model.requires_grad_(False).eval()
+    return build_with_weights(lambda: MMDiT(config), sd, what=f"{name}: checkpoint does not match the inferred MMDiT",
+                              dtype=dtype or sd["x_embedder.proj.weight"].dtype, device=device)

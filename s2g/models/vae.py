@@ -283,21 +283,9 @@ def load_vae(source, *, dtype: torch.dtype | None = None, device=None) -> VAE:
 
     Layouts: original standalone (bare `encoder.`/`decoder.` keys), full SD3 single file (`first_stage_model.`),
     diffusers `AutoencoderKL`. The encoder is optional (decode-only files load; `encode` then raises)."""
-    from .checkpoint import load_state_dict
+    from .checkpoint import build_with_weights, load_state_dict
 
     sd = _extract_vae_keys(load_state_dict(source))
     cfg = infer_config(sd)
-    with torch.device("meta"):
-        vae = VAE(cfg)
-    expected = vae.state_dict()
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    if missing or unexpected:
-        raise ValueError(f"VAE weights do not match the SD3 VAE (inferred {cfg.block_out_channels}): "
-                         f"{len(missing)} missing {missing[:4]}, {len(unexpected)} unexpected {unexpected[:4]}")
-    for k, want in expected.items():
-        if sd[k].shape != want.shape:
-            raise ValueError(f"VAE weight {k} has shape {tuple(sd[k].shape)}, expected {tuple(want.shape)}")
-    dtype = dtype or next(iter(sd.values())).dtype
-    vae.load_state_dict({k: sd[k].to(device=device, dtype=dtype) for k in expected}, assign=True)
-    return vae.eval().requires_grad_(False)
+    return build_with_weights(lambda: VAE(cfg), sd, dtype=dtype or next(iter(sd.values())).dtype, device=device,
+                              what=f"VAE weights do not match the SD3 VAE (inferred {cfg.block_out_channels})")
