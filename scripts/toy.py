@@ -97,10 +97,19 @@ def single(cfg: DictConfig, run_dir: Path, cache_dir: Path) -> None:
 
 
 def gather(cfg: DictConfig, run_dir: Path) -> None:
-    """Collect <sweep>/*/row.csv into one table and plot each metric against every swept knob."""
+    """Collect <sweep>/*/row.csv into one table and plot each metric against every swept knob. Given the run
+    dir of a held-out protocol instead, rebuild its tables and figure from its protocol.jsonl."""
     sweep_dir = Path(cfg.gather)
     if not sweep_dir.is_absolute():
         sweep_dir = Path(hydra.utils.get_original_cwd()) / sweep_dir
+    if (sweep_dir / "protocol.jsonl").is_file():
+        from toy import report
+
+        guard_fresh(run_dir, ["heldout.md"])
+        rows = [json.loads(line) for line in open(sweep_dir / "protocol.jsonl")]
+        report.write(rows, OmegaConf.load(sweep_dir / "config.yaml").toy, run_dir)
+        print((run_dir / "heldout.md").read_text())
+        return
     files = sorted(sweep_dir.glob("*/row.csv"), key=lambda p: (len(p.parent.name), p.parent.name))
     if not files:
         raise FileNotFoundError(f"no */row.csv under {sweep_dir} (is it a multirun dir of scripts/toy.py?)")

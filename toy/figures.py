@@ -84,6 +84,7 @@ def fig3(suite: dict, names: list[str], stem: Path) -> list[Path]:
             (_panel_1d if dim == 1 else _panel_2d)(ax, r["world"].gmm, r["samples"][name], r["labels"])
             ax.set_title(_title(name, r["metrics"][name]), fontsize=8)
         axes[i, 0].set_ylabel(f"{dim}-D")
+    fig.subplots_adjust(hspace=0.35)
     return save(fig, stem)
 
 
@@ -137,9 +138,10 @@ def blocks(suite: dict, sigmas, stem: Path) -> list[Path]:
 
 def sweep(rows: list[dict], params: list[str], stem: Path, metrics=("w1", "shift", "std_ratio")) -> list[Path]:
     """Metric (rows of the grid) vs each swept parameter (columns), one line per value of the other swept
-    parameter (if any) and per dimension; points are means over seeds when a sweep repeats seeds."""
+    parameters and per dimension. A swept `seed` is averaged over (mean, with ± std bars)."""
     dims = sorted({int(r["dim"]) for r in rows})
-    fig, axes = plt.subplots(len(metrics), len(params), figsize=(4.0 * len(params), 2.8 * len(metrics)),
+    params = [p for p in params if p != "seed"] or ["seed"]
+    fig, axes = plt.subplots(len(metrics), len(params), figsize=(4.2 * len(params), 2.8 * len(metrics)),
                              squeeze=False)
     for j, p in enumerate(params):
         others = [q for q in params if q != p]
@@ -151,33 +153,51 @@ def sweep(rows: list[dict], params: list[str], stem: Path, metrics=("w1", "shift
                 for gi, gkey in enumerate(groups):
                     pts = [r for r in sub if tuple(r[q] for q in others) == gkey]
                     xs = sorted({_num(r[p]) for r in pts})
-                    ys = [np.mean([float(r[metric]) for r in pts if _num(r[p]) == x]) for x in xs]
-                    label = f"{dim}-D" + "".join(f", {q}={v}" for q, v in zip(others, gkey))
-                    ax.plot(xs, ys, "o-" if dim == 1 else "s--", ms=3, label=label,
-                            color=plt.cm.viridis(gi / max(1, len(groups) - 1)) if len(groups) > 1 else None)
+                    vals = [[float(r[metric]) for r in pts if _num(r[p]) == x] for x in xs]
+                    label = f"{dim}-D" + "".join(f", {q.split('.')[-1]}={v}" for q, v in zip(others, gkey))
+                    ax.errorbar(xs, [np.mean(v) for v in vals], yerr=[np.std(v) for v in vals],
+                                fmt="o-" if dim == 1 else "s--", ms=3, capsize=2, label=label,
+                                color=plt.cm.viridis(gi / max(1, len(groups) - 1)) if len(groups) > 1 else None)
             ax.set_xlabel(p)
             ax.set_ylabel(METRICS[metric][0], fontsize=8)
         axes[0, j].legend(fontsize=6)
+    fig.tight_layout()
     return save(fig, stem)
 
 
-def pareto(rows: list[dict], stem: Path) -> list[Path]:
-    """Held-out seeds: W1 against the outward shift, one marker per method (mean) with its per-seed points."""
-    panels = sorted({(r["regime"], int(r["dim"])) for r in rows})
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.0), squeeze=False)
-    for ax, (regime, dim) in zip(axes[0], panels):
+def pareto(rows: list[dict], stem: Path, curve: str = "cfg@") -> list[Path]:
+    """Held-out seeds, one column per (regime, dim). Top: W1 against the outward shift; bottom: the shift
+    against the std ratio, where the truth is (1, 0) and the CFG scale grid (`curve`) is drawn as a line.
+    Large markers are means over seeds, small ones single seeds."""
+    panels = sorted({(r["regime"], int(r["dim"])) for r in rows}, key=lambda p: (p[1], p[0]))
+    fig, axes = plt.subplots(2, len(panels), figsize=(4.6 * len(panels), 8.0), squeeze=False)
+    for j, (regime, dim) in enumerate(panels):
         sub = [r for r in rows if r["regime"] == regime and int(r["dim"]) == dim]
-        names = list(dict.fromkeys(r["method"] for r in sub))
+        names = [n for n in dict.fromkeys(r["method"] for r in sub) if not n.startswith(curve)]
         for k, name in enumerate(names):
-            pts = np.array([[float(r["shift"]), float(r["w1"])] for r in sub if r["method"] == name])
-            color = plt.cm.tab20(k % 20)
-            ax.scatter(pts[:, 0], pts[:, 1], s=6, color=color, alpha=0.4)
-            ax.scatter(*pts.mean(0), s=40, color=color, edgecolor="k", label=name, zorder=3)
-        ax.set_xlabel("outward mode shift")
-        ax.set_ylabel("W1" if dim == 1 else "sliced W1")
-        ax.set_yscale("log")
-        ax.set_title(f"{regime} model, {dim}-D (held-out seeds)", fontsize=9)
+            pts = np.array([[float(r["shift"]), float(r["w1"]), float(r["std_ratio"])]
+                            for r in sub if r["method"] == name])
+            color, marker = plt.cm.tab20(k % 20), "o" if not name.startswith("fix:") else "D"
+            for i, (a, b) in enumerate([(0, 1), (2, 0)]):
+                axes[i, j].scatter(pts[:, a], pts[:, b], s=5, color=color, alpha=0.35)
+                axes[i, j].scatter(pts[:, a].mean(), pts[:, b].mean(), s=40, color=color, marker=marker,
+                                   edgecolor="k", label=name, zorder=3)
+        cv = sorted({float(r["method"][len(curve):]) for r in sub if r["method"].startswith(curve)})
+        mean = lambda lam, key: np.mean([float(r[key]) for r in sub if r["method"] == f"{curve}{lam:g}"])  # noqa: E731
+        for i, (a, b) in enumerate([("shift", "w1"), ("std_ratio", "shift")]):
+            xs, ys = [mean(v, a) for v in cv], [mean(v, b) for v in cv]
+            axes[i, j].plot(xs, ys, "k-", lw=0.8, zorder=2, label="CFG, λ grid")
+            for v, x_, y_ in zip(cv, xs, ys):
+                axes[i, j].annotate(f"{v:g}", (x_, y_), fontsize=6, xytext=(2, 2), textcoords="offset points")
+        axes[1, j].scatter([1.0], [0.0], marker="*", s=120, color="gold", edgecolor="k", zorder=4, label="truth")
+        axes[0, j].set_xlabel("outward mode shift")
+        axes[0, j].set_ylabel("W1" if dim == 1 else "sliced W1")
+        axes[0, j].set_yscale("log")
+        axes[1, j].set_xlabel("std ratio")
+        axes[1, j].set_ylabel("outward mode shift")
+        axes[0, j].set_title(f"{regime.replace('_', ' ')} model, {dim}-D (held-out seeds)", fontsize=9)
     axes[0, -1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
     return save(fig, stem)
 
 

@@ -75,7 +75,12 @@ def write(rows: list[dict], toy_cfg, run_dir: Path) -> None:
         md.append(figures.markdown(table, ["method", "setting", *metrics]))
         md.append("\nPaired differences A − B over held-out seeds (mean ± std; `A<B` = seeds where A is lower):\n\n")
         diffs = []
-        for a, b, question in COMPARISONS:
+        s2 = [r for r in sub if r["method"] == "s2"]
+        pairs = list(COMPARISONS)
+        if s2:  # tuned S² against CFG at S²'s own λ (the tuned pair can differ in λ as well as in the S² term)
+            lam = json.loads(s2[0]["spec"])["scale"]
+            pairs.insert(1, ("s2", f"cfg@{lam:g}", "tuned S² vs CFG at the same λ"))
+        for a, b, question in pairs:
             ra = {r["seed"]: r for r in sub if r["method"] == a}
             rb = {r["seed"]: r for r in sub if r["method"] == b}
             common = sorted(set(ra) & set(rb))
