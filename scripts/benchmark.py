@@ -2,6 +2,7 @@
 
     python scripts/benchmark.py                                   # CPU, small config with every MMDiT-X feature
     python scripts/benchmark.py --preset sd3_medium --dtype bf16 --resolution 1024 --device cuda
+    python scripts/benchmark.py --mode guidance                   # sampling cost of each guider relative to CFG
 
 Reports the median of --repeats timed forwards after --warmup untimed ones (the two models alternate, so load
 drift hits both), and speedup = diffusers time / our time (> 1: ours is faster). diffusers is the oracle here
@@ -66,6 +67,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2, help="CPU threads")
     ap.add_argument("--out", type=Path, help="also write the result as JSON here (never overwritten)")
+    ap.add_argument("--mode", choices=["forward", "guidance"], default="forward",
+                    help="forward: ours vs diffusers; guidance: whole sampling runs per guider, relative to CFG")
+    ap.add_argument("--steps", type=int, default=28, help="sampling steps (guidance mode)")
     args = ap.parse_args(argv)
     if args.resolution % 16:
         ap.error(f"--resolution {args.resolution} is not a multiple of 16 (8x VAE, patch 2)")
@@ -77,6 +81,8 @@ def main(argv=None) -> int:
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.mode == "guidance":
+        return guidance_costs(args, device, dtype, cfg)
 
     with torch.device(device):  # diffusers' own random init (no zero adaLN), then both models share the weights
         ref = diffusers_model(cfg).to(dtype).eval().requires_grad_(False)
@@ -124,6 +130,62 @@ def main(argv=None) -> int:
     print(f"{args.preset} {args.dtype} {args.resolution}px batch {args.batch} on {result['device']}: "
           f"ours {result['ours_ms']:.1f} ms, diffusers {result['diffusers_ms']:.1f} ms (median of {args.repeats}), "
           f"speedup {result['speedup']:.3f}x; max|diff| {diff:.2e} (output max {scale:.2f})")
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def guidance_costs(args, device, dtype, cfg: MMDiTConfig) -> int:
+    """Wall time of whole sampling runs per guider on one random-weight MMDiT, as a ratio to CFG (the paper
+    reports +40% for S² on SD3). S² is timed with and without sharing the block prefix between the full
+    conditional pass and its sub-network pass."""
+    from s2g.guidance import CFG, S2Guidance
+    from s2g.models.mmdit import MMDiT
+    from s2g.sampling import sample, sd3_sigmas
+
+    with torch.device(device):
+        model = MMDiT(cfg).to(dtype).eval().requires_grad_(False)
+    g = torch.Generator(device).manual_seed(1)
+    lat = args.resolution // 8
+    noise = torch.randn(args.batch, cfg.in_channels, lat, lat, generator=g, device=device)
+    cond = {"context": torch.randn(args.batch, args.context_len, cfg.context_dim, generator=g, device=device,
+                                   dtype=dtype),
+            "pooled": torch.randn(args.batch, cfg.pooled_dim, generator=g, device=device, dtype=dtype)}
+    uncond = {k: torch.zeros_like(v) for k, v in cond.items()}
+    sigmas = sd3_sigmas(args.steps)
+    runs = {
+        "cfg": (CFG(7.5), True),
+        "s2": (S2Guidance(), True),
+        "s2_separate_passes": (S2Guidance(), False),
+        "naive_s2_n4": (S2Guidance(num_subnetworks=4), True),
+    }
+
+    def timed(guider, share):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        sample(model, noise, sigmas, guider, cond, uncond, progress=False, share_prefix=share)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t
+
+    times = {k: [] for k in runs}
+    with torch.inference_mode():
+        for _ in range(args.warmup):
+            timed(*runs["cfg"])
+        for _ in range(args.repeats):
+            for k, run in runs.items():
+                times[k].append(timed(*run))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    result = {"mode": "guidance", "preset": args.preset, "dtype": args.dtype, "device": device_name(device),
+              "resolution": args.resolution, "batch": args.batch, "steps": args.steps, "repeats": args.repeats,
+              "seconds": med, "relative_to_cfg": {k: v / med["cfg"] for k, v in med.items()},
+              "torch": torch.__version__}
+    print(f"{args.preset} {args.dtype} {args.resolution}px batch {args.batch}, {args.steps} steps on "
+          f"{result['device']} (median of {args.repeats}):")
+    for k, v in med.items():
+        print(f"  {k:20s} {v:8.2f} s   x{result['relative_to_cfg'][k]:.3f} of CFG")
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")
