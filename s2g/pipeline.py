@@ -84,6 +84,44 @@ class TextToImage:
 # ---------------------------------------------------------------------------------------------- the tiny model
 
 
+class XPrediction(torch.nn.Module):
+    """A network that outputs x̂0, seen through the Denoiser seam as a velocity: v = (x - x̂0)/σ.
+
+    The tiny pixel-space model is trained this way (scripts/train_tiny.py, `prediction: x0`); its checkpoint
+    says so in the header. Skipped blocks, `num_blocks` and `forward_shared` pass through, so every guider
+    (S², SLG) works unchanged. σ = 0 is never evaluated by the samplers (the last step lands on x̂0)."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    @property
+    def num_blocks(self) -> int:
+        return self.net.num_blocks
+
+    @property
+    def config(self):
+        return self.net.config
+
+    @staticmethod
+    def _velocity(x, sigma, x0):
+        s = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1, *([1] * (x.ndim - 1)))
+        return (x - x0) / s
+
+    def forward(self, x, sigma, context, pooled, skip=None):
+        return self._velocity(x, sigma, self.net(x, sigma, context, pooled, skip=skip))
+
+    def forward_shared(self, x, sigma, context, pooled, skips):
+        return [self._velocity(x, sigma, o) for o in self.net.forward_shared(x, sigma, context, pooled, skips)]
+
+
+def _as_denoiser(net, meta: dict):
+    prediction = meta.get("prediction", "velocity")
+    if prediction not in ("velocity", "x0"):
+        raise ValueError(f"checkpoint header says prediction={prediction!r}; known: velocity, x0")
+    return XPrediction(net) if prediction == "x0" else net
+
+
 def _metadata(path) -> dict[str, str]:
     with safe_open(str(path), framework="pt") as f:
         return f.metadata() or {}
@@ -109,11 +147,14 @@ def load_tiny(checkpoint=TINY_CHECKPOINT, weak_checkpoint=TINY_WEAK_CHECKPOINT, 
     # load_mmdit reads the model.diffusion_model.* part of the single file; other prefixes are ignored there
     mmdit = load_mmdit({k: v for k, v in load_state_dict(checkpoint).items() if not k.startswith(TEXT_PREFIX)},
                        dtype=dtype)
-    size = image_size or int(_metadata(checkpoint).get("image_size", 32))
+    meta = _metadata(checkpoint)
+    size = image_size or int(meta.get("image_size", 32))
     weak = None
     if weak_checkpoint:
-        weak = load_mmdit(Path(weak_checkpoint).expanduser(), dtype=dtype)
-    return TextToImage(mmdit, text, (mmdit.config.in_channels, size, size), pixels_to_images, weak)
+        weak_path = Path(weak_checkpoint).expanduser()
+        weak = _as_denoiser(load_mmdit(weak_path, dtype=dtype), _metadata(weak_path))
+    return TextToImage(_as_denoiser(mmdit, meta), text, (mmdit.config.in_channels, size, size), pixels_to_images,
+                       weak)
 
 
 # ------------------------------------------------------------------------------------------------------ grids
@@ -159,6 +200,7 @@ def describe_checkpoint(path) -> dict:
     """The training record stored in a tiny checkpoint's header (command, steps, time, machine, config)."""
     meta = _metadata(path)
     out = {k: meta[k] for k in ("command", "steps", "train_seconds", "final_loss", "machine") if k in meta}
-    if "config" in meta:
-        out["config"] = json.loads(meta["config"])
+    for key in ("config", "commands"):  # commands: every run a resumed training went through, in order
+        if key in meta:
+            out[key] = json.loads(meta[key])
     return out
