@@ -40,10 +40,11 @@ def test_s2_grid_config_seed_revision(tmp_path):
     assert p2.returncode != 0 and "never overwritten" in p2.stderr and png.read_bytes() == before
 
 
-def test_compare_columns_and_autoguidance(tmp_path):
+def test_compare_columns_autoguidance_and_wandb(tmp_path):
     p, out = run(tmp_path, "cmp", "compare=[cfg,s2,autoguidance]", "steps=3", "samples_per_prompt=1",
-                 "prompt=a yellow triangle", "guidance.scale=4")
+                 "prompt=a yellow triangle", "guidance.scale=4", "logger=wandb", "logger.mode=offline")
     assert p.returncode == 0, p.stderr
+    assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))  # grid + config logged (offline)
     record = json.loads((out / "run.json").read_text())
     assert list(record["guiders"]) == ["cfg", "s2", "autoguidance"]
     assert "scale=4" in record["guiders"]["cfg"] and "weak=set" in record["guiders"]["autoguidance"]
