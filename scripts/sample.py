@@ -45,10 +45,11 @@ def build_model(model_cfg: DictConfig):
     """Instantiate the model config's loader (`_target_`), minus the keys that only the script reads."""
     args = OmegaConf.to_container(model_cfg, resolve=True)
     prompts = args.pop("default_prompts", None)
+    grid_defaults = args.pop("grid", {}) or {}
     for key in ("checkpoint", "weak_checkpoint"):  # "embedded" = the weights shipped in s2g/assets
         if args.get(key) == "embedded":
             args.pop(key)
-    return hydra.utils.instantiate(args), prompts
+    return hydra.utils.instantiate(args), prompts, grid_defaults
 
 
 def guider_configs(cfg: DictConfig) -> dict[str, DictConfig]:
@@ -91,12 +92,15 @@ def run(cfg: DictConfig, out_dir: Path) -> Path:
     guider_cfgs = guider_configs(cfg)  # unknown names and bad guider parameters fail here, before loading
     guiders = {name: hydra.utils.instantiate(g) for name, g in guider_cfgs.items()}
 
-    pipe, default_prompts = build_model(cfg.model)
+    pipe, default_prompts, grid_defaults = build_model(cfg.model)
+    # samples_per_prompt / batch_size / upscale: the command line, else the model config's `grid` defaults
+    layout = {k: cfg[k] if cfg[k] is not None else grid_defaults.get(k, 1)
+            for k in ("samples_per_prompt", "batch_size", "upscale")}
     prompts = cfg.prompt if cfg.prompt is not None else default_prompts
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise ValueError("no prompts: set prompt=... or model.default_prompts")
-    n = int(cfg.samples_per_prompt)
+    n = int(layout["samples_per_prompt"])
     if n < 1:
         raise ValueError(f"samples_per_prompt must be >= 1, got {n}")
     batch = [p for p in prompts for _ in range(n)]  # prompt-major: row i = prompt i
@@ -105,23 +109,24 @@ def run(cfg: DictConfig, out_dir: Path) -> Path:
     t0 = time.time()
     noise = pipe.noise(len(batch), cfg.seed)  # one draw, shared by every column
     images = {name: pipe(batch, g, seed=cfg.seed, steps=cfg.steps, shift=cfg.shift, sampler=cfg.sampler.name,
-                         batch_size=cfg.batch_size, noise=noise, progress=cfg.progress)
+                         batch_size=layout["batch_size"], noise=noise, progress=cfg.progress)
               for name, g in guiders.items()}
     seconds = time.time() - t0
 
-    tile = pipe.latent_shape[-1] * cfg.upscale
+    upscale = int(layout["upscale"])
+    tile = next(iter(images.values())).shape[-1] * upscale  # decoded width (a latent is 8x smaller for SD3)
     if cfg.compare:
         names = list(images)
         stacked = torch.stack([images[k] for k in names], 1).flatten(0, 1)  # (prompt, sample) rows x guiders
-        grid = image_grid(stacked, len(batch), len(names), scale=cfg.upscale)
+        grid = image_grid(stacked, len(batch), len(names), scale=upscale)
         rows = [p if j == 0 else "" for p in prompts for j in range(n)]
         save_png(grid, out_path, row_labels=rows, col_labels=names, tile=tile)
     else:
         (imgs,) = images.values()
-        grid = image_grid(imgs, len(prompts), n, scale=cfg.upscale)
+        grid = image_grid(imgs, len(prompts), n, scale=upscale)
         save_png(grid, out_path, row_labels=prompts, tile=tile)
 
-    record = {"seed": cfg.seed, "git_revision": git_revision(), "prompts": prompts, "samples_per_prompt": n,
+    record = {"seed": cfg.seed, "git_revision": git_revision(), "prompts": prompts, **layout,
               "guiders": {k: repr(g) for k, g in guiders.items()}, "sampling_seconds": round(seconds, 2),
               "output": str(out_path), "command": " ".join(["python", "scripts/sample.py", *sys.argv[1:]])}
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))

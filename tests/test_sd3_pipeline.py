@@ -254,7 +254,7 @@ def sample_cmd(parts, full, *extra):
     return [sys.executable, str(ROOT / "scripts" / "sample.py"), "model=sd3_medium", f"model.checkpoint={full}",
             f"model.clip_vocab={parts.tok / 'vocab.json'}", f"model.clip_merges={parts.tok / 'merges.txt'}",
             f"model.t5_spiece={parts.tok / 'spiece.model'}", f"model.t5_length={T5_LEN}",
-            f"model.image_size=[{H},{W}]", "steps=3", "samples_per_prompt=1", "upscale=1", "progress=false", *extra]
+            f"model.image_size=[{H},{W}]", "steps=3", "progress=false", *extra]  # grid: the model's defaults
 
 
 def run_script(cmd):
