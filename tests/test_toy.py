@@ -1,6 +1,7 @@
 """The Gaussian-mixture toy: exact ground truth against Monte Carlo and closed forms, metrics against analytic
 values, the controls against the guidance algebra, a briefly trained MLP against the truth, and the whole
 scripts/toy.py pipeline at a tiny budget."""
+import csv
 import math
 import subprocess
 import sys
@@ -9,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from scipy.special import erfinv
 from scipy.stats import wasserstein_distance
 
 from s2g.guidance import CFG, Conditional, S2Guidance, SkipLayerGuidance
@@ -131,8 +133,7 @@ def test_w1_against_scipy_and_closed_form():
     ref = rng.normal(4.0, 1.0, 2_000_000)
     assert abs(w1_to_normal_mixture(x, [4.0], 1.0) - wasserstein_distance(x, ref)) < 0.004
     # a pure shift δ of exact quantiles: W1 = δ
-    q = 4.25 + np.sqrt(2) * __import__("scipy.special", fromlist=["erfinv"]).erfinv(2 * (np.arange(20000) + 0.5)
-                                                                                   / 20000 - 1)
+    q = 4.25 + np.sqrt(2) * erfinv(2 * (np.arange(20000) + 0.5) / 20000 - 1)
     assert abs(w1_to_normal_mixture(q, [4.0], 1.0) - 0.25) < 2e-3
     # outliers count with their full distance: one sample of n at 100 adds ≈ (100 - 4)/n
     base = w1_to_normal_mixture(q, [4.0], 1.0)
@@ -287,7 +288,7 @@ def test_pipeline_end_to_end_tiny(tmp_path):
               "fig3_all_methods.png", "block_deviation.png", "samples_1d.npz", "samples_2d.npz"]:
         assert (run / f).is_file(), f
     assert len(list((run / "models").glob("*.safetensors"))) == 4
-    rows = {(r["dim"], r["method"]): r for r in __import__("csv").DictReader(open(run / "metrics.csv"))}
+    rows = {(r["dim"], r["method"]): r for r in csv.DictReader(open(run / "metrics.csv"))}
     for dim in ("1", "2"):
         for name in ["conditional", "cfg", "autoguidance", "naive_s2", "s2", "cfgpp", "apg", "cfg_zero_star",
                      "exact_conditional", "exact_cfg"]:
@@ -303,7 +304,7 @@ def test_pipeline_end_to_end_tiny(tmp_path):
     assert len(list((sweep / "models").glob("*.safetensors"))) == 2  # trained once, shared by the runs
     g = _toy(f"gather={sweep}", f"hydra.run.dir={tmp_path / 'gather'}")
     assert g.returncode == 0, g.stderr[-3000:]
-    table = list(__import__("csv").DictReader(open(tmp_path / "gather" / "sweep.csv")))
+    table = list(csv.DictReader(open(tmp_path / "gather" / "sweep.csv")))
     assert sorted(float(t["guidance.omega"]) for t in table) == [0.0, 2.0]
     assert (tmp_path / "gather" / "sweep.png").is_file()
     cfg_row = [t for t in table if float(t["guidance.omega"]) == 0][0]

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from s2g.guidance import AutoGuidance, S2Guidance
 from s2g.sampling import GuidedDenoiser, SAMPLERS, uniform_sigmas
 
-from .controls import IntervalCFG, KappaProbe
+from .controls import KappaProbe
 from .metrics import sample_metrics
 from .mixture import ExactDenoiser, GaussianMixture, mixture
 from .model import train_or_load
