@@ -5,7 +5,7 @@ import torch
 
 from ..guidance.base import Guider
 from .guided import GuidedDenoiser
-from .samplers import SAMPLERS, sample_dpmpp_2m, sample_euler
+from .samplers import SAMPLERS, sample_dpmpp_2m, sample_euler, sample_heun
 from .schedules import sd3_sigmas, shift_sigma, uniform_sigmas
 
 
@@ -28,4 +28,4 @@ def sample(denoiser, noise: torch.Tensor, sigmas: torch.Tensor, guider: Guider, 
 
 
 __all__ = ["sample", "sd3_sigmas", "shift_sigma", "uniform_sigmas", "GuidedDenoiser", "SAMPLERS",
-           "sample_euler", "sample_dpmpp_2m"]
+           "sample_euler", "sample_heun", "sample_dpmpp_2m"]
