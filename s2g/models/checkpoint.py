@@ -37,7 +37,8 @@ def _refuse_pickle(path: Path) -> None:
     if path.suffix.lower() in PICKLE_SUFFIXES or (is_pickle and not looks_safetensors):
         raise ValueError(
             f"{path}: pickle checkpoints are never loaded (unpickling can run arbitrary code); convert it once, "
-            f"in an environment you trust, with safetensors.torch.save_file(torch.load(path, weights_only=True), 'model.safetensors')"
+            f"in an environment you trust, with "
+            f"safetensors.torch.save_file(torch.load(path, weights_only=True), 'model.safetensors')"
         )
 
 
