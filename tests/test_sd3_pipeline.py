@@ -31,7 +31,7 @@ from s2g.sd3 import load_sd3
 transformers = pytest.importorskip("transformers")
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("sentencepiece")
-from test_text import CORPUS, clip_config, randomize, train_bpe  # noqa: E402  (tiny CLIP/T5 builders)
+from test_text import CORPUS, clip_config, randomize, write_clip_tokenizer  # noqa: E402  (tiny CLIP/T5 builders)
 
 ROOT = Path(__file__).resolve().parent.parent
 T5_LEN = 24
@@ -68,20 +68,18 @@ def _random_(module, seed):
 def parts(tmp_path_factory):
     """The diffusers components (the oracle) and the tokenizer files."""
     d = tmp_path_factory.mktemp("sd3_tok")
-    vocab, merges = train_bpe(CORPUS)
-    (d / "vocab.json").write_text(json.dumps(vocab))
-    (d / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    vocab_size = write_clip_tokenizer(d)
     import sentencepiece as spm
     (d / "corpus.txt").write_text("\n".join(CORPUS.split(" i'm ")) * 20)
     spm.SentencePieceTrainer.train(input=str(d / "corpus.txt"), model_prefix=str(d / "spiece"), vocab_size=60,
                                    model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
 
     torch.manual_seed(0)
-    clip_l = randomize(transformers.CLIPTextModelWithProjection(clip_config(len(vocab), "quick_gelu", width=64)))
+    clip_l = randomize(transformers.CLIPTextModelWithProjection(clip_config(vocab_size, "quick_gelu", width=64)))
     with torch.no_grad():  # what the SD3 single file implies: CLIP-L pooled is unprojected
         clip_l.text_projection = torch.nn.Linear(64, 64, bias=False)
         clip_l.text_projection.weight.copy_(torch.eye(64))
-    clip_g = randomize(transformers.CLIPTextModelWithProjection(clip_config(len(vocab), "gelu", width=128)))
+    clip_g = randomize(transformers.CLIPTextModelWithProjection(clip_config(vocab_size, "gelu", width=128)))
     t5 = randomize(transformers.T5EncoderModel(transformers.T5Config(
         vocab_size=60, d_model=256, d_kv=16, d_ff=96, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
         relative_attention_num_buckets=32, relative_attention_max_distance=128)), scale=0.1)

@@ -79,13 +79,18 @@ def train_bpe(corpus: str, n_merges: int = 300):
     return {t: i for i, t in enumerate(vocab)}, merges
 
 
-@pytest.fixture(scope="module")
-def clip_files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("clip_tok")
+def write_clip_tokenizer(d) -> int:
+    """vocab.json + merges.txt of a small BPE trained on CORPUS, in CLIP's file format; returns the vocab size."""
     vocab, merges = train_bpe(CORPUS)
     (d / "vocab.json").write_text(json.dumps(vocab))
     (d / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-    return d, len(vocab)
+    return len(vocab)
+
+
+@pytest.fixture(scope="module")
+def clip_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("clip_tok")
+    return d, write_clip_tokenizer(d)
 
 
 @pytest.fixture(scope="module")
