@@ -23,6 +23,7 @@ import torch
 from safetensors import safe_open
 
 from .models.checkpoint import load_mmdit, load_state_dict
+from .models.sweep import check_variants
 from .models.tiny_text import TinyTextEncoder
 from .sampling import sample, sd3_sigmas
 
@@ -111,8 +112,13 @@ class XPrediction(torch.nn.Module):
     def forward(self, x, sigma, context, pooled, skip=None):
         return self._velocity(x, sigma, self.net(x, sigma, context, pooled, skip=skip))
 
-    def forward_shared(self, x, sigma, context, pooled, skips):
-        return [self._velocity(x, sigma, o) for o in self.net.forward_shared(x, sigma, context, pooled, skips)]
+    def forward_shared(self, x, sigma, context, pooled, skips, inputs=None):
+        skips = list(skips)
+        outs = self.net.forward_shared(x, sigma, context, pooled, skips, inputs)
+        inputs, _, B = check_variants(skips, inputs, x.shape[0])
+        sig = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1).expand(x.shape[0])
+        xs, sigs = x.split(B), sig.split(B)  # variant j reads stacked input k = inputs[j]
+        return [self._velocity(xs[k], sigs[k], o) for k, o in zip(inputs, outs)]
 
 
 def _as_denoiser(net, meta: dict):

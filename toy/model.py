@@ -23,6 +23,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import trange
 
+from s2g.models.sweep import check_variants, sweep
+
 from .mixture import GaussianMixture
 
 
@@ -68,18 +70,36 @@ class ToyMLP(nn.Module):
     def null_label(self) -> int:
         return self.num_classes
 
-    def forward(self, x: Tensor, sigma: Tensor, *, skip=frozenset(), label: Tensor) -> Tensor:
+    def _check_skip(self, skip) -> frozenset:
         bad = [b for b in skip if not 0 <= b < self.num_blocks]
         if bad:
             raise ValueError(f"skip {sorted(bad)} out of range for {self.num_blocks} blocks")
+        return frozenset(skip)
+
+    def _embed(self, x: Tensor, sigma: Tensor, label: Tensor) -> tuple[Tensor, Tensor]:
         sigma = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1).expand(x.shape[0])
         angles = sigma[:, None].float() * self.freqs
         e = self.sigma_embed(torch.cat([angles.sin(), angles.cos()], 1)) + self.label_embed(label.long())
-        h = self.stem(x.float()) + e
+        return self.stem(x.float()) + e, e
+
+    def forward(self, x: Tensor, sigma: Tensor, *, skip=frozenset(), label: Tensor) -> Tensor:
+        skip = self._check_skip(skip)
+        h, e = self._embed(x, sigma, label)
         for i, block in enumerate(self.blocks):
             if i not in skip:
                 h = block(h, e)
         return self.out(self.out_norm(h)).to(x.dtype)
+
+    def forward_shared(self, x: Tensor, sigma: Tensor, *, skips, inputs=None, label: Tensor) -> list[Tensor]:
+        """Several variants (stacked input k = inputs[j], skip set skips[j]) in one batched sweep over the
+        blocks; equal to separate `forward` calls up to float rounding (s2g/models/sweep.py)."""
+        skips = [self._check_skip(s) for s in skips]
+        inputs, K, B = check_variants(skips, inputs, x.shape[0])
+        h, e = self._embed(x, sigma, label)
+        (h, e), slab = sweep((h, e), skips, inputs, K, B, self.num_blocks,
+                             lambda i, st: (self.blocks[i](st[0], st[1]), st[1]))
+        out = self.out(self.out_norm(h)).to(x.dtype).split(B)
+        return [out[n] for n in slab]
 
 
 def train(model: ToyMLP, gmm: GaussianMixture, *, iterations: int, batch_size: int = 1024, lr: float = 2e-3,

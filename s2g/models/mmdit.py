@@ -19,6 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .sweep import check_variants, sweep
+
 
 @dataclass(frozen=True)
 class MMDiTConfig:
@@ -329,35 +331,23 @@ class MMDiT(nn.Module):
                 ctx, tokens = block(ctx, tokens, c)
         return self._head(tokens, c, h, w).to(x.dtype)
 
-    def forward_shared(self, x: Tensor, sigma, context: Tensor, pooled: Tensor, skips) -> list[Tensor]:
-        """`[self(x, sigma, context, pooled, skip=s) for s in skips]`, computed once per distinct prefix.
+    def forward_shared(self, x: Tensor, sigma, context: Tensor, pooled: Tensor, skips,
+                       inputs=None) -> list[Tensor]:
+        """`[self(x_k, sigma_k, context_k, pooled_k, skip=s) for (k, s) in zip(inputs, skips)]` in one sweep.
 
-        Variants stay one group (one set of activations) while they agree on which blocks ran so far; a group
-        splits at the first block some members skip. At each block, all groups that run it go through it as one
-        batch. So a full pass plus an S² sub-network pass share every block before the first dropped index."""
+        x, sigma, context and pooled may stack K inputs of B rows each ([cond; uncond] for CFG); `inputs[j]` is
+        the one variant j reads (default: all 0, a single input). Variants run as one batch while they agree on
+        which blocks ran; a variant forks at the first block it skips (sweep.py). So cond, uncond and an S²
+        sub-network are one batched pass, and the sub-network costs only the blocks after its first dropped one."""
         skips = [self._skip_set(s) for s in skips]
+        inputs, K, B = check_variants(skips, inputs, x.shape[0])
         tokens, ctx, c, (h, w) = self._embed(x, sigma, context, pooled)
-        B = x.shape[0]
-        groups = [(ctx, tokens, list(range(len(skips))))] if skips else []
-        for i, block in enumerate(self.joint_blocks):
-            kept, run = [], []
-            for g_ctx, g_x, members in groups:
-                skipping = [m for m in members if i in skips[m]]
-                running = [m for m in members if i not in skips[m]]
-                if skipping:
-                    kept.append((g_ctx, g_x, skipping))
-                if running:
-                    run.append((g_ctx, g_x, running))
-            if run:
-                n = len(run)
-                ctx_out, x_out = block(torch.cat([g[0] for g in run]), torch.cat([g[1] for g in run]),
-                                       c.repeat(n, 1) if n > 1 else c)
-                ctx_parts = ctx_out.split(B) if ctx_out is not None else [None] * n
-                kept += [(cp, xp, g[2]) for cp, xp, g in zip(ctx_parts, x_out.split(B), run)]
-            groups = kept
-        outs: list[Tensor | None] = [None] * len(skips)
-        for _, g_x, members in groups:
-            y = self._head(g_x, c, h, w).to(x.dtype)
-            for m in members:
-                outs[m] = y
-        return outs
+
+        def run_block(i, state):
+            tokens, ctx, c = state
+            ctx, tokens = self.joint_blocks[i](ctx, tokens, c)
+            return tokens, ctx, c
+
+        (tokens, _, c), slab = sweep((tokens, ctx, c), skips, inputs, K, B, self.num_blocks, run_block)
+        out = self._head(tokens, c, h, w).to(x.dtype).split(B)
+        return [out[n] for n in slab]

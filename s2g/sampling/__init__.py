@@ -17,8 +17,9 @@ def sample(denoiser, noise: torch.Tensor, sigmas: torch.Tensor, guider: Guider, 
 
     `denoiser(x, sigma, *, skip=..., **cond) -> velocity`; `cond` / `uncond` are dicts of batched tensors.
     The guider is reset first (state, mask RNG), so the same inputs always give the same output.
-    `share_prefix`: let conditional passes that differ only in skipped blocks share their common first blocks
-    (needs `denoiser.forward_shared`; equal to separate passes up to float rounding).
+    `share_prefix`: run a step's passes through one network as one batched sweep over its blocks, cond and
+    uncond rows together and sub-network rows forking at their first skipped block (needs
+    `denoiser.forward_shared`; equal to separate passes up to float rounding).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; known: {', '.join(SAMPLERS)}")

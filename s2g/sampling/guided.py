@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from ..guidance.base import Estimate, Guider, Pass, Step
+from ..models.sweep import block_rows
 
 
 def _concat(conds: list[dict]) -> dict:
@@ -21,12 +22,23 @@ class GuidedDenoiser:
 
     cond / uncond: dicts of batched conditioning tensors passed to the denoiser as keyword arguments
     (e.g. context=, pooled= for the MMDiT; label= for the toy MLP).
+
+    Cost counters (for benchmarks and tests): `calls` network calls; `nfe` predictions per image (CFG: 2 per
+    step); `block_rows` block evaluations of the main denoiser summed over the batch's rows (per image: divide by
+    the batch size); `other_block_rows` the same for other networks (Autoguidance's weak model, whose blocks
+    cost differently).
     """
 
     def __init__(self, denoiser, guider: Guider, cond: dict, uncond: dict | None = None, share_prefix: bool = True):
         self.denoiser, self.guider, self.cond, self.uncond = denoiser, guider, cond, uncond
         self.share_prefix = share_prefix
-        self.calls = 0  # network calls made, for benchmarks and tests of the batching
+        self.calls = self.nfe = self.block_rows = self.other_block_rows = 0
+
+    def _count(self, net, rows: int) -> None:
+        if net is None:
+            self.block_rows += rows
+        else:
+            self.other_block_rows += rows
 
     def _call(self, denoiser, x: Tensor, sigma: Tensor, skip: frozenset, cond: dict) -> Tensor:
         self.calls += 1
@@ -36,47 +48,63 @@ class GuidedDenoiser:
         return denoiser(x, sigma, **kwargs).to(x.dtype)
 
     def run(self, x: Tensor, sigma: float, passes: list[Pass]) -> list[Tensor]:
-        """Velocities for `passes` (same order). Identical passes run once; a conditional and an unconditional
-        pass through the same network with the same skipped blocks share one batched call."""
-        sig = torch.full((x.shape[0],), sigma, dtype=x.dtype, device=x.device)
-        groups: dict[tuple, set] = {}
-        for p in passes:
-            groups.setdefault((p.denoiser, p.skip), set()).add(p.cond)
+        """Velocities for `passes` (same order). Identical passes run once. The passes through one network are
+        one batched sweep over its blocks (`forward_shared`): cond and uncond rows stacked, each sub-network row
+        forking from its conditional row at its first skipped block. A network without `forward_shared` (or
+        `share_prefix=False`) gets one call per skip set, cond and uncond batched."""
         if any(not p.cond for p in passes) and self.uncond is None:
             raise ValueError(f"{type(self.guider).__name__} needs an unconditional input but none was given")
+        sig = torch.full((x.shape[0],), sigma, dtype=x.dtype, device=x.device)
+        by_net: dict = {}
+        for p in dict.fromkeys(passes):
+            by_net.setdefault(p.denoiser, []).append(p)
+        self.nfe += sum(len(ps) for ps in by_net.values())
         results: dict[Pass, Tensor] = {}
-        self._run_shared(x, sig, groups, results)
-        for (net, skip), conds in groups.items():
+        for net, net_passes in by_net.items():
             net_fn = self.denoiser if net is None else net
-            if conds == {True, False} and _stackable(self.cond, self.uncond):
-                both = self._call(net_fn, torch.cat([x, x]), torch.cat([sig, sig]), skip,
-                                  _concat([self.cond, self.uncond]))
-                v_c, v_u = both.chunk(2)
-                results[Pass(True, skip, net)], results[Pass(False, skip, net)] = v_c, v_u
-            else:
-                for c in sorted(conds, reverse=True):
-                    results[Pass(c, skip, net)] = self._call(net_fn, x, sig, skip, self.cond if c else self.uncond)
+            conds = sorted({p.cond for p in net_passes}, reverse=True)  # cond first
+            stacks = [conds] if len(conds) == 1 or _stackable(self.cond, self.uncond) else [[c] for c in conds]
+            for stack in stacks:
+                ps = [p for p in net_passes if p.cond in stack]
+                if self.share_prefix and hasattr(net_fn, "forward_shared") and any(p.skip for p in ps):
+                    self._sweep(net, net_fn, x, sig, stack, ps, results)
+                else:
+                    self._separate(net, net_fn, x, sig, ps, results)
         return [results[p] for p in passes]
 
-    def _run_shared(self, x: Tensor, sig: Tensor, groups: dict, results: dict) -> None:
-        """Conditional passes that differ only in skipped blocks (S² sub-networks, SLG) share every block before
-        the first one they disagree on, when the network offers `forward_shared`. The handled conditional
-        requests are removed from `groups`; an unconditional pass then runs on its own."""
-        by_net: dict = {}
-        for (net, skip), conds in groups.items():
-            if True in conds:
-                by_net.setdefault(net, []).append(skip)
-        for net, skips in by_net.items():
-            net_fn = self.denoiser if net is None else net
-            if not (self.share_prefix and hasattr(net_fn, "forward_shared") and any(skips)):
-                continue
-            self.calls += 1
-            outs = net_fn.forward_shared(x, sig, skips=skips, **self.cond)
-            for skip, v in zip(skips, outs):
-                results[Pass(True, skip, net)] = v.to(x.dtype)
-                groups[(net, skip)].discard(True)
-        for key in [k for k, conds in groups.items() if not conds]:
-            del groups[key]
+    def _inputs(self, x: Tensor, sig: Tensor, conds: list[bool]) -> tuple[Tensor, Tensor, dict]:
+        if len(conds) == 1:
+            return x, sig, self.cond if conds[0] else self.uncond
+        return (torch.cat([x] * len(conds)), torch.cat([sig] * len(conds)),
+                _concat([self.cond if c else self.uncond for c in conds]))
+
+    def _sweep(self, net, net_fn, x, sig, stack: list[bool], passes: list[Pass], results: dict) -> None:
+        """All `passes` (inputs in `stack`) in one sweep over the network's blocks."""
+        xs, sigs, cond = self._inputs(x, sig, stack)
+        skips, inputs = [p.skip for p in passes], [stack.index(p.cond) for p in passes]
+        self.calls += 1
+        outs = net_fn.forward_shared(xs, sigs, skips=skips, inputs=inputs, **cond)
+        self._count(net, block_rows(skips, inputs, x.shape[0], getattr(net_fn, "num_blocks", 0) or 0))
+        for p, v in zip(passes, outs):
+            results[p] = v.to(x.dtype)
+
+    def _separate(self, net, net_fn, x, sig, passes: list[Pass], results: dict) -> None:
+        """One call per skip set; cond and uncond with the same skip set share it."""
+        by_skip: dict[frozenset, list[bool]] = {}
+        for p in passes:
+            by_skip.setdefault(p.skip, []).append(p.cond)
+        n = getattr(net_fn, "num_blocks", 0) or 0
+        for skip, conds in by_skip.items():
+            if len(conds) == 2 and not _stackable(self.cond, self.uncond):
+                stacks = [[c] for c in conds]
+            else:
+                stacks = [sorted(conds, reverse=True)]
+            for stack in stacks:
+                xs, sigs, cond = self._inputs(x, sig, stack)
+                out = self._call(net_fn, xs, sigs, skip, cond)
+                self._count(net, xs.shape[0] * (n - len(skip)) if n else 0)
+                for c, v in zip(stack, out.split(x.shape[0])):
+                    results[Pass(c, skip, net)] = v
 
     def __call__(self, x: Tensor, step: Step) -> Estimate:
         passes = self.guider.passes(step)
