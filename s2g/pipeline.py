@@ -109,6 +109,9 @@ class XPrediction(torch.nn.Module):
         s = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1, *([1] * (x.ndim - 1)))
         return (x - x0) / s
 
+    def compile(self, **kwargs) -> None:
+        self.net.compile(**kwargs)  # the network's own (regional) compilation
+
     def forward(self, x, sigma, context, pooled, skip=None):
         return self._velocity(x, sigma, self.net(x, sigma, context, pooled, skip=skip))
 

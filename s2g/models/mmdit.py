@@ -285,6 +285,15 @@ class MMDiT(nn.Module):
     def blocks(self) -> nn.ModuleList:
         return self.joint_blocks
 
+    def compile(self, **kwargs) -> None:
+        """Regional compilation (torch.compile kwargs): each joint block, the embedders and the final layer on
+        their own. The loop over blocks, the skip sets and the sweep's forks stay eager, so S²'s fresh masks
+        every step never retrace; blocks share code, so a compile serves every block of the same kind, and row
+        counts (2, 3, 2 + N slabs) cost at most one dynamic-batch recompile per kind."""
+        for module in (*self.joint_blocks, self.x_embedder, self.t_embedder, self.y_embedder,
+                       self.context_embedder, self.final_layer):
+            module.compile(**kwargs)
+
     def _skip_set(self, skip) -> frozenset:
         skip = frozenset(int(i) for i in skip) if skip is not None else frozenset()
         bad = sorted(i for i in skip if not 0 <= i < self.num_blocks)
