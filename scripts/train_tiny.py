@@ -36,7 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from s2g.data.scenes import WORDS, sample_scenes
+from s2g.data.scenes import WORDS, random_scenes, render, sample_scenes
 from s2g.models.mmdit import MMDiT
 from s2g.models.tiny_text import TinyTextEncoder
 from s2g.pipeline import load_tiny_text
@@ -106,11 +106,35 @@ def rf_loss(mmdit: MMDiT, text: TinyTextEncoder, images: torch.Tensor, prompts: 
     raise ValueError(f"prediction must be 'velocity' or 'x0', got {prediction!r}")
 
 
+def scene_kind(scene) -> str:
+    return "single" if scene.relation is None else "and" if scene.relation == "and" else "relation"
+
+
+def mixed_scenes(n: int, seed: int, mix, size: int) -> tuple[torch.Tensor, list[str]]:
+    """n scenes with exactly round(n * share) of each kind (single / and / relation; the rest go to relation),
+    drawn from scenes.py's grammar in chunks and kept while their kind's quota is open. Pure in (n, seed)."""
+    quota = {k: round(n * mix[k]) for k in ("single", "and")}
+    quota["relation"] = n - sum(quota.values())
+    kept, chunk = [], 0
+    while len(kept) < n:
+        for scene in random_scenes(2 * n, seed=seed * 1_000 + chunk):
+            if quota[scene_kind(scene)] > 0 and len(kept) < n:
+                quota[scene_kind(scene)] -= 1
+                kept.append(scene)
+        chunk += 1
+    return render(kept, size), [s.prompt for s in kept]
+
+
 def batch(cfg: DictConfig, step: int):
     """Scenes and the loss's generator for `step`: a pure function of (seed, step), so resuming is exact."""
-    scenes = sample_scenes(cfg.batch_size, seed=cfg.seed * 1_000_003 + step, size=cfg.image_size)
+    seed = cfg.seed * 1_000_003 + step
+    if cfg.get("data_mix"):
+        images, prompts = mixed_scenes(cfg.batch_size, seed, cfg.data_mix, cfg.image_size)
+    else:  # scenes.py's own mix (v1)
+        scenes = sample_scenes(cfg.batch_size, seed=seed, size=cfg.image_size)
+        images, prompts = scenes.images, scenes.prompts
     gen = torch.Generator().manual_seed(cfg.seed * 7_919 + step)
-    return scenes.images, scenes.prompts, gen
+    return images, prompts, gen
 
 
 def lr_at(cfg: DictConfig, step: int, steps: int) -> float:
@@ -198,8 +222,13 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
         m = {**meta, "steps": str(step), "train_seconds": f"{elapsed_before + time.time() - t0:.0f}",
              "final_loss": f"{recent:.5f}"}
         save_train_state(out_dir / "train_state.safetensors", step, modules, opt, m)
-        export(out_dir / f"tiny{'' if cfg.stage == 'main' else '_weak'}.safetensors", ema_mmdit,
-               ema_text if train_text else None, m, getattr(torch, cfg.export_dtype))
+        name = f"tiny{'' if cfg.stage == 'main' else '_weak'}"
+        export(out_dir / f"{name}.safetensors", ema_mmdit, ema_text if train_text else None, m,
+               getattr(torch, cfg.export_dtype))
+        if cfg.get("export_every") and step % cfg.export_every == 0:  # numbered EMA exports: metrics vs step
+            (out_dir / "exports").mkdir(exist_ok=True)
+            export(out_dir / "exports" / f"{name}_{step:06d}.safetensors", ema_mmdit,
+                   ema_text if train_text else None, m, getattr(torch, cfg.export_dtype))
 
     mmdit.train(), text.train(train_text)
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"train {cfg.stage}", mininterval=5)
@@ -223,9 +252,14 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
             avg = sum(losses[-cfg.log_every:]) / cfg.log_every
             history.append((step + 1, avg))
             bar.set_postfix(loss=f"{avg:.4f}")
-            print(f"step {step + 1} loss {avg:.5f} lr {opt.param_groups[0]['lr']:.2e} "
-                  f"elapsed {elapsed_before + time.time() - t0:.0f}s", flush=True)
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps:
+            elapsed = elapsed_before + time.time() - t0
+            print(f"step {step + 1} loss {avg:.5f} lr {opt.param_groups[0]['lr']:.2e} elapsed {elapsed:.0f}s",
+                  flush=True)
+            with open(out_dir / "train_log.jsonl", "a") as f:  # the loss curve; a resume into the same dir appends
+                f.write(json.dumps({"step": step + 1, "loss": round(avg, 6), "lr": opt.param_groups[0]["lr"],
+                                    "seconds": round(elapsed, 1)}) + "\n")
+        if (step + 1) % cfg.checkpoint_every == 0 or (step + 1) % (cfg.get("export_every") or steps) == 0 \
+                or step + 1 == steps:
             checkpoint(step + 1)
         out_of_time = cfg.max_minutes and time.time() - t0 > 60 * cfg.max_minutes
         if out_of_time or (cfg.stop_at and step + 1 >= cfg.stop_at):

@@ -50,7 +50,11 @@ class TinyTextEncoder(nn.Module):
         self.index = {w: i for i, w in enumerate(self.vocab)}
         self.config = dict(dim=dim, depth=depth, heads=heads, max_len=max_len, pooled_dim=pooled_dim)
         self.max_len = max_len
+        # Words and positions start at one scale (std 0.02, as GPT-2). With PyTorch's default N(0, 1) for the
+        # words, the order signal started 50x weaker than the word signal and stayed so: the output was a bag of
+        # words and relations sat at chance (v1; experiments/tiny_model/README.md). Init only: loading is unchanged.
         self.tok_embed = nn.Embedding(len(self.vocab), dim)
+        nn.init.normal_(self.tok_embed.weight, std=0.02)
         self.pos_embed = nn.Parameter(torch.randn(1, max_len, dim) * 0.02)
         self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
