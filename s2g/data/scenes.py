@@ -111,6 +111,11 @@ def _random_scene(rng: np.random.Generator) -> Scene:
     (c1, s1), (c2, s2) = pick(), pick()
     while (c2, s2) == (c1, s1):  # two identical objects make "left of" ambiguous; re-draw
         c2, s2 = pick()
+    return _place_pair(rng, (c1, s1), (c2, s2), relation)
+
+
+def _place_pair(rng: np.random.Generator, first: tuple[str, str], second: tuple[str, str], relation: str) -> Scene:
+    (c1, s1), (c2, s2) = first, second
     for _ in range(1000):  # rejection sampling of positions; accepts within a few tries
         r1, r2 = rng.uniform(*SIZE_RANGE), rng.uniform(*SIZE_RANGE)
         x1, y1 = rng.uniform(r1, 1 - r1), rng.uniform(r1, 1 - r1)
@@ -129,6 +134,18 @@ def _random_scene(rng: np.random.Generator) -> Scene:
             a, b = SceneObject(c1, s1, x1, y1, r1), SceneObject(c2, s2, x2, y2, r2)
             return Scene(f"{describe(a)} {relation} {describe(b)}", [a, b], relation)
     raise RuntimeError("could not place two objects")  # pragma: no cover - SIZE_RANGE leaves plenty of room
+
+
+def scene_for_prompt(prompt: str, rng: np.random.Generator) -> Scene:
+    """A random layout of a given prompt, drawn as the training data draws it: the real-image reference of the
+    evaluator (a render of the same prompt). Raises ValueError for text outside the grammar."""
+    objects, relation = parse_prompt(prompt)
+    if relation is None:
+        (c, s), = objects
+        r = rng.uniform(*SIZE_RANGE) * 1.25
+        obj = SceneObject(c, s, rng.uniform(r, 1 - r), rng.uniform(r, 1 - r), r)
+        return Scene(describe(obj), [obj], None)
+    return _place_pair(rng, objects[0], objects[1], relation)
 
 
 def random_scenes(n: int, seed: int) -> list[Scene]:
