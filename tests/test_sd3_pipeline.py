@@ -295,6 +295,37 @@ def test_sample_script_missing_file_is_one_line(parts, files, tmp_path):
     assert not (tmp_path / "run" / "samples.png").exists()
 
 
+def test_evaluate_script_on_sd3(parts, files, tmp_path):
+    """scripts/evaluate.py on an SD3 config: free-text prompts, so no scene metrics; every image saved as PNG,
+    equal to the in-process image from the same (prompt, seed) noise; cost per image reported."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+    from PIL import Image
+
+    from s2g.eval.harness import item_noise
+
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    cmd = [sys.executable, str(ROOT / "scripts" / "evaluate.py"), "model=sd3_medium",
+           f"model.checkpoint={files / 'sd3_full.safetensors'}", f"model.clip_vocab={parts.tok / 'vocab.json'}",
+           f"model.clip_merges={parts.tok / 'merges.txt'}", f"model.t5_spiece={parts.tok / 'spiece.model'}",
+           f"model.t5_length={T5_LEN}", f"model.image_size=[{H},{W}]", "steps=2", "progress=false", "seeds=[4]",
+           f"prompts={tmp_path / 'prompts.txt'}", "guidance=cfg", "guidance.scale=5", "batch_size=2",
+           f"hydra.run.dir={tmp_path / 'run'}"]
+    res = run_script(cmd)
+    assert res.returncode == 0, res.stderr[-2000:]
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["scene_metrics"] is False and "adherence" not in m and m["n_images"] == 2
+    assert m["cost"]["nfe_per_image"] == 4 and m["cost"]["seconds_per_image"] > 0
+    pipe = load_sd3(files / "sd3_full.safetensors", **tok_args(parts), t5_length=T5_LEN, image_size=[H, W])
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+        guider = instantiate(compose(config_name="evaluate", overrides=["guidance=cfg", "guidance.scale=5"]).guidance)
+    for i, prompt in enumerate(PROMPTS):
+        png = np.asarray(Image.open(tmp_path / "run" / "images" / f"seed4_{i:05d}.png").convert("RGB")).astype(int)
+        noise = item_noise(pipe.latent_shape, 4, prompt)[None]
+        want = (pipe([prompt], guider, noise=noise, steps=2)[0] * 255).round().byte().permute(1, 2, 0).numpy()
+        assert png.shape == (H, W, 3) and want.std() > 5 and np.abs(png - want).max() <= 1
+
+
 # ------------------------------------------------------------------------------------------------- bad input
 
 def test_loader_errors_name_the_config_key(parts, files, tmp_path):
