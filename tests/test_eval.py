@@ -93,6 +93,19 @@ def test_score_fails_exactly_the_wrong_attribute():
     assert score("a red circle", good[:1])["all"] == 1 and score("a red circle", [])["count"] == 0
 
 
+def test_relation_rule_is_genevals():
+    """A is <rel> B when the size-shrunk offset A - B points within ~60° of the axis (GenEval's rule)."""
+    b = _det("blue", "square", 0.6, 0.6)
+    a = lambda x, y, w=0.0: Detection("red", "circle", x, y, 50, 1.0, w, w)  # noqa: E731
+    assert relation_holds("left of", a(0.2, 0.3), b) and relation_holds("above", a(0.2, 0.3), b)  # 37° off both
+    assert relation_holds("left of", a(0.2, 0.1), b) and not relation_holds("left of", a(0.4, 0.0), b)  # 51°, 72°
+    assert not relation_holds("right of", a(0.2, 0.3), b) and not relation_holds("below", a(0.2, 0.3), b)
+    assert relation_holds("left of", a(0.5, 0.6), b)  # no extent: any offset along the axis counts
+    wide = Detection("blue", "square", 0.6, 0.6, 50, 1.0, 0.3, 0.3)
+    assert not relation_holds("left of", a(0.5, 0.6, w=0.3), wide)  # boxes 0.3 wide, 0.1 apart: too close
+    assert relation_holds("left of", a(0.2, 0.6, w=0.3), wide)
+
+
 # ---------------------------------------------------------------------------------------------- the evaluator
 
 def test_real_renders_score_100_percent(evaluator):

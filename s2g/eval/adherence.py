@@ -4,10 +4,11 @@ Per image (1 = correct, 0 = wrong):
 - count:    as many objects detected as the prompt names;
 - color:    the detected colours are the prompt's colours, as a multiset (so an extra or a missing object fails);
 - shape:    the same for shapes;
-- relation: relational prompts only: both named objects are found (colour and shape) and their centroids are in
-            the named relation, along its axis by more than across it (the 90° cone that the training layouts
-            also obey): "A left of B" means x_B - x_A > |y_B - y_A|. If a named object is found twice, its
-            largest detection is used;
+- relation: relational prompts only: both named objects are found (colour and shape) and GenEval's rule holds
+            for their centroids: the offset between them, shrunk on each axis by 0.1 x the sum of the two
+            bounding-box extents, has a component along the relation's direction larger than half the offset's
+            length (so within about 60° of the axis, with a margin for touching objects). If a named object
+            is found twice, its largest detection is used;
 - found:    relational prompts only: both named objects are found (relation given found = relation / found);
 - all:      the detected (colour, shape) pairs are exactly the prompt's, and the relation holds if there is one.
 """
@@ -15,22 +16,34 @@ from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
+
 from ..data.scenes import parse_prompt
 
 ATTRIBUTES = ("count", "color", "shape", "relation", "all")
 
 
-def relation_holds(relation: str, a, b) -> bool:
-    """Whether object a is `relation` object b (centroids; y grows downward)."""
-    dx, dy = b.x - a.x, b.y - a.y
+POSITION_THRESHOLD = 0.1  # GenEval's default
+
+
+def relation_holds(relation: str, a, b, threshold: float = POSITION_THRESHOLD) -> bool:
+    """Whether object a is `relation` object b, as GenEval decides it (centroids x, y and box extents w, h in
+    image fractions; y grows downward)."""
+    off = np.array([a.x - b.x, a.y - b.y])
+    dims = np.array([getattr(a, "w", 0.0) + getattr(b, "w", 0.0), getattr(a, "h", 0.0) + getattr(b, "h", 0.0)])
+    norm = float(np.hypot(*off))
+    if norm == 0:
+        return False
+    revised = np.maximum(np.abs(off) - threshold * dims, 0) * np.sign(off)
+    dx, dy = revised / norm
     if relation == "left of":
-        return dx > abs(dy)
+        return dx < -0.5
     if relation == "right of":
-        return -dx > abs(dy)
+        return dx > 0.5
     if relation == "above":
-        return dy > abs(dx)
+        return dy < -0.5
     if relation == "below":
-        return -dy > abs(dx)
+        return dy > 0.5
     raise ValueError(f"not a spatial relation: {relation!r}")
 
 

@@ -88,6 +88,8 @@ class Detection:
     y: float  # centroid, fraction of the height (0 = top)
     area: int  # pixels
     shape_confidence: float  # mean probability of the chosen shape over the object's pixels
+    w: float = 0.0  # bounding-box width, fraction of the width
+    h: float = 0.0  # bounding-box height, fraction of the height
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -169,7 +171,8 @@ class SceneEvaluator:
                 si = int(score.argmax())
                 found.append(Detection(name, SHAPES[si], float(((xs[m] + 0.5) * w).sum() / w.sum() / W),
                                        float(((ys[m] + 0.5) * w).sum() / w.sum() / H), area,
-                                       float(score[si] / area)))
+                                       float(score[si] / area), float(np.ptp(xs[m]) + 1) / W,
+                                       float(np.ptp(ys[m]) + 1) / H))
         return found
 
 

@@ -1,0 +1,107 @@
+"""Evaluator vs eyes on generated images, and which evaluator layer a Fréchet distance can see.
+
+    python experiments/eval/eyecheck.py OUT_DIR        # ~8 min on one thread: 1200 images, grids, FD per layer
+
+Generates the first 200 validation prompts x seeds 0, 1 with the shipped embedded model under no guidance,
+CFG 4 and CFG 7.5 (28 Euler steps, the harness's per-(prompt, seed) noise), then writes
+- grid_<guider>_<page>.png: 40 images per guider (every 10th item, seed 0 then seed 1), each tile with its
+  prompt, the evaluator's reading and its verdict, for a person to judge (results: experiments/eval/README.md);
+- readings.csv: the evaluator's reading of those 120 images;
+- feature_layers.json: the Fréchet distance from real renders to each image set, on the spatial mean of every
+  layer of the evaluator, with an independent render set (the floor) and a blurred render set.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from s2g.eval import SceneEvaluator, frechet_distance, prompt_set, score, work_items  # noqa: E402
+from s2g.eval.harness import generate, reference_renders  # noqa: E402
+from s2g.guidance import CFG, Conditional  # noqa: E402
+from s2g.pipeline import load_tiny  # noqa: E402
+
+TILE = 160
+
+
+def layers(net, images):
+    """Every stage of SceneNet, as in its forward."""
+    x = images * 2 - 1
+    e1 = net.enc1(x)
+    e2 = net.enc2(e1)
+    e3 = net.enc3(e2)
+    m = net.mid(e3)
+    up = lambda t: F.interpolate(t, scale_factor=2, mode="nearest")  # noqa: E731
+    d3 = net.dec3(torch.cat([up(m), e3], 1))
+    d2 = net.dec2(torch.cat([up(d3), e2], 1))
+    d1 = net.dec1(torch.cat([up(d2), e1], 1))
+    return {"enc1": e1, "enc2": e2, "enc3": e3, "bottleneck (features)": m, "dec3": d3, "dec2": d2, "dec1": d1}
+
+
+def grids(name, images, items, evaluator, out: Path, rows_out: list):
+    sel = list(range(0, len(items), 10))[:40]
+    dets = evaluator.detect(images[sel])
+    for page in range(2):
+        canvas = Image.new("RGB", (5 * TILE, 4 * (TILE + 52)), (255, 255, 255))
+        draw = ImageDraw.Draw(canvas)
+        for k in range(20):
+            j = page * 20 + k
+            i = sel[j]
+            img = (images[i].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+            r, c = divmod(k, 5)
+            x0, y0 = c * TILE, r * (TILE + 52)
+            canvas.paste(Image.fromarray(img).resize((TILE, TILE), Image.NEAREST), (x0, y0))
+            draw.rectangle([x0, y0, x0 + TILE - 1, y0 + TILE - 1], outline=(128, 128, 128), width=2)
+            s = score(items[i].prompt, dets[j])
+            got = ", ".join(f"{o.color[:3]} {o.shape[:3]}" for o in dets[j])
+            verdict = "OK" if s["all"] else "X " + ",".join(a for a, v in s.items() if v == 0)
+            text = f"#{j} {items[i].prompt}"
+            draw.text((x0 + 2, y0 + TILE + 1), text[:27], fill=(0, 0, 0))
+            draw.text((x0 + 2, y0 + TILE + 13), text[27:54], fill=(0, 0, 0))
+            draw.text((x0 + 2, y0 + TILE + 25), got[:27], fill=(0, 0, 200))
+            draw.text((x0 + 2, y0 + TILE + 37), verdict[:27], fill=(0, 130, 0) if s["all"] else (200, 0, 0))
+            rows_out.append({"guider": name, "tile": j, "seed": items[i].seed, "prompt": items[i].prompt,
+                             "evaluator_reads": got, **s})
+        canvas.save(out / f"grid_{name}_{page}.png")
+
+
+def main(out: Path) -> None:
+    torch.set_num_threads(1)
+    out.mkdir(parents=True, exist_ok=False)  # never overwrite an earlier check
+    evaluator = SceneEvaluator.load()
+    items = work_items(prompt_set("val", 200), [0, 1])
+    pipe = load_tiny()
+    guiders = {"none": lambda s: Conditional(), "cfg4": lambda s: CFG(scale=4), "cfg7.5": lambda s: CFG(scale=7.5)}
+    sets = {name: generate(pipe, g, items, batch_size=50, steps=28, shift=3.0, sampler="euler", desc=name)[0]
+            for name, g in guiders.items()}
+    rows: list[dict] = []
+    for name, images in sets.items():
+        grids(name, images, items, evaluator, out, rows)
+    with open(out / "readings.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    sets["renders (floor)"] = reference_renders(items, 1)
+    sets["renders blurred 3x3"] = F.avg_pool2d(reference_renders(items, 1), 3, 1, 1)
+    with torch.no_grad():
+        ref = {k: v.mean((2, 3)).numpy() for k, v in layers(evaluator.net, reference_renders(items, 0)).items()}
+        fd = {name: {k: round(frechet_distance(ref[k], v.mean((2, 3)).numpy()), 4)
+                     for k, v in layers(evaluator.net, images).items()} for name, images in sets.items()}
+    (out / "feature_layers.json").write_text(json.dumps(fd, indent=1))
+    print(json.dumps(fd, indent=1))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python experiments/eval/eyecheck.py OUT_DIR")
+    main(Path(sys.argv[1]))
