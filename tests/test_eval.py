@@ -241,9 +241,11 @@ def test_evaluate_end_to_end_torchrun_equals_one_process(tmp_path):
     assert (tmp_path / "one" / "metrics.json").read_bytes() == before
 
     # paired comparison of two runs on the same items: S² at ω = 0 is CFG, so every difference is exactly 0
-    cfg = _evaluate(*TINY, "guidance=cfg", "guidance.scale=4", f"hydra.run.dir={tmp_path / 'cfg'}")
+    cfg = _evaluate(*TINY, "guidance=cfg", "guidance.scale=4", f"hydra.run.dir={tmp_path / 'cfg'}", "logger=wandb",
+                    "logger.mode=offline")
     s2_0 = _evaluate(*TINY, "guidance=s2", "guidance.scale=4", "guidance.omega=0", f"hydra.run.dir={tmp_path / 's2_0'}")
     assert cfg.returncode == 0 and s2_0.returncode == 0, cfg.stderr[-2000:] + s2_0.stderr[-2000:]
+    assert list((tmp_path / "cfg" / "wandb").glob("offline-run-*/run-*.wandb"))  # metrics + grid, offline
     pr = _evaluate(f"pair=[{tmp_path / 's2_0'},{tmp_path / 'cfg'}]")
     assert pr.returncode == 0, pr.stderr[-2000:]
     res = json.loads((tmp_path / "s2_0" / "paired_vs_cfg.json").read_text())
