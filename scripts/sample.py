@@ -19,7 +19,6 @@ import os
 # 2 threads, 4.5 s vs 0.34 s per MMDiT forward). Must be set before torch is imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,28 +27,6 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def git_revision() -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
-        return rev.stdout.strip() + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def build_model(model_cfg: DictConfig):
-    """Instantiate the model config's loader (`_target_`), minus the keys that only the script reads."""
-    args = OmegaConf.to_container(model_cfg, resolve=True)
-    prompts = args.pop("default_prompts", None)
-    grid_defaults = args.pop("grid", {}) or {}
-    for key in ("checkpoint", "weak_checkpoint"):  # "embedded" = the weights shipped in s2g/assets
-        if args.get(key) == "embedded":
-            args.pop(key)
-    return hydra.utils.instantiate(args), prompts, grid_defaults
 
 
 def guider_configs(cfg: DictConfig) -> dict[str, DictConfig]:
@@ -84,6 +61,7 @@ def run(cfg: DictConfig, out_dir: Path) -> Path:
     import torch
 
     from s2g.pipeline import image_grid, save_png
+    from s2g.runinfo import build_model
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
     out_path = out_dir / cfg.output
@@ -92,7 +70,8 @@ def run(cfg: DictConfig, out_dir: Path) -> Path:
     guider_cfgs = guider_configs(cfg)  # unknown names and bad guider parameters fail here, before loading
     guiders = {name: hydra.utils.instantiate(g) for name, g in guider_cfgs.items()}
 
-    pipe, default_prompts, grid_defaults = build_model(cfg.model)
+    pipe, extras = build_model(cfg.model)
+    default_prompts, grid_defaults = extras.get("default_prompts"), extras.get("grid") or {}
     # samples_per_prompt / batch_size / upscale: the command line, else the model config's `grid` defaults
     layout = {k: cfg[k] if cfg[k] is not None else grid_defaults.get(k, 1)
             for k in ("samples_per_prompt", "batch_size", "upscale")}
@@ -125,6 +104,8 @@ def run(cfg: DictConfig, out_dir: Path) -> Path:
         (imgs,) = images.values()
         grid = image_grid(imgs, len(prompts), n, scale=upscale)
         save_png(grid, out_path, row_labels=prompts, tile=tile)
+
+    from s2g.runinfo import git_revision
 
     record = {"seed": cfg.seed, "git_revision": git_revision(), "prompts": prompts, **layout,
               "guiders": {k: repr(g) for k, g in guiders.items()}, "sampling_seconds": round(seconds, 2),

@@ -46,7 +46,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
 
-    out = Path(args.out) if args.out else ROOT / "outputs" / "evaluator" / time.strftime("%Y-%m-%d_%H-%M-%S") / "evaluator.safetensors"
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    out = Path(args.out) if args.out else ROOT / "outputs" / "evaluator" / stamp / "evaluator.safetensors"
     if out.exists():
         print(f"error: {out} exists; outputs are never overwritten", file=sys.stderr)
         return 2
@@ -57,8 +58,10 @@ def main(argv=None) -> int:
     net = SceneNet(args.width)
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
     warmup = 50
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps))))
+    def lr_factor(s: int) -> float:  # linear warm-up, cosine decay to 5%
+        return min(1.0, (s + 1) / warmup) * (0.05 + 0.475 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     t0, losses, step = time.time(), [], 0
     bar = tqdm(range(args.steps), desc="train evaluator")
     for step in bar:

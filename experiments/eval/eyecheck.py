@@ -34,20 +34,6 @@ from s2g.pipeline import load_tiny  # noqa: E402
 TILE = 160
 
 
-def layers(net, images):
-    """Every stage of SceneNet, as in its forward."""
-    x = images * 2 - 1
-    e1 = net.enc1(x)
-    e2 = net.enc2(e1)
-    e3 = net.enc3(e2)
-    m = net.mid(e3)
-    up = lambda t: F.interpolate(t, scale_factor=2, mode="nearest")  # noqa: E731
-    d3 = net.dec3(torch.cat([up(m), e3], 1))
-    d2 = net.dec2(torch.cat([up(d3), e2], 1))
-    d1 = net.dec1(torch.cat([up(d2), e1], 1))
-    return {"enc1": e1, "enc2": e2, "enc3": e3, "bottleneck (features)": m, "dec3": d3, "dec2": d2, "dec1": d1}
-
-
 def grids(name, images, items, evaluator, out: Path, rows_out: list):
     sel = list(range(0, len(items), 10))[:40]
     dets = evaluator.detect(images[sel])
@@ -94,9 +80,9 @@ def main(out: Path) -> None:
     sets["renders (floor)"] = reference_renders(items, 1)
     sets["renders blurred 3x3"] = F.avg_pool2d(reference_renders(items, 1), 3, 1, 1)
     with torch.no_grad():
-        ref = {k: v.mean((2, 3)).numpy() for k, v in layers(evaluator.net, reference_renders(items, 0)).items()}
-        fd = {name: {k: round(frechet_distance(ref[k], v.mean((2, 3)).numpy()), 4)
-                     for k, v in layers(evaluator.net, images).items()} for name, images in sets.items()}
+        ref = {k: v.mean((2, 3)).numpy() for k, v in evaluator.net.stages(reference_renders(items, 0)).items()}
+        fd = {name: {k: round(frechet_distance(ref[k], v.mean((2, 3)).numpy()), 4)  # "mid" = the FD features
+                     for k, v in evaluator.net.stages(images).items()} for name, images in sets.items()}
     (out / "feature_layers.json").write_text(json.dumps(fd, indent=1))
     print(json.dumps(fd, indent=1))
 

@@ -62,19 +62,23 @@ class SceneNet(nn.Module):
         self.head = nn.Conv2d(w, 1 + len(COLORS) + 1 + len(SHAPES), 1)
         self.feature_dim = 8 * w
 
-    def forward(self, images: torch.Tensor):
-        x = images * 2 - 1
-        e1 = self.enc1(x)
-        e2 = self.enc2(e1)
-        e3 = self.enc3(e2)
-        m = self.mid(e3)
+    def stages(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every stage's activations, input to head (experiments/eval/eyecheck.py compares them as features)."""
+        st = {"enc1": self.enc1(images * 2 - 1)}
+        st["enc2"] = self.enc2(st["enc1"])
+        st["enc3"] = self.enc3(st["enc2"])
+        st["mid"] = self.mid(st["enc3"])
         up = lambda t: F.interpolate(t, scale_factor=2, mode="nearest")  # noqa: E731
-        d3 = self.dec3(torch.cat([up(m), e3], 1))
-        d2 = self.dec2(torch.cat([up(d3), e2], 1))
-        d1 = self.dec1(torch.cat([up(d2), e1], 1))
-        logits = self.head(d1)
+        st["dec3"] = self.dec3(torch.cat([up(st["mid"]), st["enc3"]], 1))
+        st["dec2"] = self.dec2(torch.cat([up(st["dec3"]), st["enc2"]], 1))
+        st["dec1"] = self.dec1(torch.cat([up(st["dec2"]), st["enc1"]], 1))
+        return st
+
+    def forward(self, images: torch.Tensor):
+        st = self.stages(images)
+        logits = self.head(st["dec1"])
         k = 1 + len(COLORS)
-        return logits[:, :k], logits[:, k:], m.mean((2, 3))
+        return logits[:, :k], logits[:, k:], st["mid"].mean((2, 3))
 
 
 # ------------------------------------------------------------------------------------------- reading a scene
@@ -116,7 +120,8 @@ class SceneEvaluator:
 
         path = Path(path).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"evaluator weights not found: {path} (train them: python scripts/train_evaluator.py)")
+            raise FileNotFoundError(f"evaluator weights not found: {path} "
+                                    f"(train them: python scripts/train_evaluator.py)")
         state = load_state_dict(path)
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}

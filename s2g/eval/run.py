@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,37 +17,14 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
+from ..runinfo import build_model, git_revision
 from . import stats
-from .harness import (_mean_interval, adherence_summary, check_scene_prompts, fidelity_summary, generate, image_rows,
-                      reference_renders, shard, work_items)
+from .harness import (_mean_interval, adherence_summary, check_scene_prompts, fidelity_summary, generate,
+                      image_rows, reference_renders, shard, work_items)
 from .prompts import prompt_set
 
-ROOT = Path(__file__).resolve().parents[2]
 OUTPUTS = ("metrics.json", "per_image.csv", "features.safetensors", "samples.png", "config.yaml", "run.json")
 TABLE_METRICS = ("all", "count", "color", "shape", "relation", "relation_given_found")
-
-
-def git_revision() -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
-        return rev.stdout.strip() + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def build_model(model_cfg: DictConfig):
-    """The model config's loader (`_target_`) without the keys only sample.py reads ("embedded" = shipped)."""
-    import hydra
-
-    args = OmegaConf.to_container(model_cfg, resolve=True)
-    for key in ("default_prompts", "grid"):
-        args.pop(key, None)
-    for key in ("checkpoint", "weak_checkpoint"):
-        if args.get(key) == "embedded":
-            args.pop(key)
-    return hydra.utils.instantiate(args)
 
 
 # ------------------------------------------------------------------------------------------- torch.distributed
@@ -107,7 +83,7 @@ def evaluate(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None,
 
     make_guider(seeds[0])  # bad guider parameters fail before the model loads
     extra = {name: hydra.utils.instantiate(c) for name, c in (cfg.extra_metrics or {}).items()}
-    pipe = build_model(cfg.model)
+    pipe, _ = build_model(cfg.model)
     scene = cfg.scene_metrics is True or (cfg.scene_metrics == "auto" and tuple(pipe.latent_shape) == (3, 32, 32)
                                           and _in_grammar(prompts))
     if cfg.scene_metrics is True and tuple(pipe.latent_shape) != (3, 32, 32):

@@ -1,0 +1,34 @@
+"""What the Hydra entry points share: building a model from its config group, and the revision a run used."""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT_KEYS = ("default_prompts", "grid")  # model-config keys that only the scripts read
+
+
+def git_revision() -> str:
+    """HEAD's hash, with -dirty when tracked files differ from it; "unknown" outside a git checkout."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return rev.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def build_model(model_cfg: DictConfig):
+    """(model, script keys): the config's loader (`_target_`) called without the keys only scripts read, which
+    come back as a dict; "embedded" checkpoints mean the weights shipped in s2g/assets."""
+    import hydra
+
+    args = OmegaConf.to_container(model_cfg, resolve=True)
+    extras = {k: args.pop(k) for k in SCRIPT_KEYS if k in args}
+    for key in ("checkpoint", "weak_checkpoint"):
+        if args.get(key) == "embedded":
+            args.pop(key)
+    return hydra.utils.instantiate(args), extras
