@@ -54,8 +54,8 @@ def main(cfg: DictConfig) -> None:
     from s2g.eval import run as evaluation
 
     user_errors = (ValueError, FileNotFoundError, FileExistsError)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        run_dir = Path(HydraConfig.get().runtime.output_dir)
         if cfg.gather is not None:
             evaluation.gather(Path(cfg.gather), baseline=cfg.baseline)
         elif cfg.pair is not None:
@@ -69,6 +69,7 @@ def main(cfg: DictConfig) -> None:
         cause = e.__cause__ if isinstance(e, InstantiationException) else e
         if not isinstance(cause, user_errors):
             raise
+        _remove_if_empty(run_dir)  # a fresh run dir that Hydra made for a run that never started
         print(f"error: {cause}", file=sys.stderr)  # the user's input, not a bug: one line, no traceback
         sys.exit(2)
 

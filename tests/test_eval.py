@@ -264,7 +264,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path, args, message):
     env = {"WORLD_SIZE": "3", "RANK": "0"} if message == "ranks" else None
     p = _evaluate(*args, f"hydra.run.dir={tmp_path / 'run'}", env=env)
     assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and message in p.stderr, p.stderr[-2000:]
-    assert not (tmp_path / "run" / "metrics.json").exists()
+    assert not (tmp_path / "run").exists()  # the run dir Hydra made for it is removed again
 
 
 def test_multirun_gather_and_a_user_metric(tmp_path):
