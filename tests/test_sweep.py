@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import s2g.guidance as G
-from s2g.guidance.base import COND, UNCOND, Pass, Step
+from s2g.guidance.base import Step
 from s2g.models.mmdit import MMDiT, MMDiTConfig
 from s2g.models.sweep import block_rows
 from s2g.pipeline import XPrediction
@@ -177,3 +177,24 @@ def test_autoguidance_weak_network_and_sampling_through_the_sweep():
     runs = {share: sample(model, x, uniform_sigmas(6), s2, cond, uncond, progress=False, share_prefix=share)
             for share in (True, False)}
     torch.testing.assert_close(runs[True], runs[False], rtol=1e-4, atol=1e-4)
+
+
+def test_benchmark_counts_the_sd3_medium_work_without_running_it(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
+    spec = importlib.util.spec_from_file_location("benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "work.json"
+    assert bench.main(["--mode", "guidance", "--count-only", "--preset", "sd3_medium", "--batch", "1",
+                       "--resolution", "64", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = result["guiders"]
+    # 28 steps, 20 of them in [0.1, 0.9]; CFG 2 x 24 block-rows a step; a separate sub-network pass 22 more.
+    assert rows["cfg"]["work_per_image"] == 28 * 48 and rows["cfg"]["nfe_per_image"] == 56
+    assert rows["s2_separate_passes"]["work_per_image"] == 28 * 48 + 20 * 22
+    assert result["expected_s2_work_ratio"] == pytest.approx(1 + 20 * 14 / (28 * 48))  # E[first dropped] = 8
+    assert rows["s2"]["work_ratio"] <= 1.22 and rows["s2"]["nfe_per_image"] == 76
