@@ -11,7 +11,12 @@
    σ = 0.9), take the red-dominant mass of x̂0 (R - B, clamped at 0) and its share in the left half for "a red
    circle left of a blue square" and for the swapped prompt, and its share in the top half for "... above ...".
    A model that knows the relation gives a share that flips with the order (the flip is orig - swapped).
-3. sampled images (28 Euler steps, CFG λ = 4 and no guidance by default) on a fixed prompt set: 96 relational
+3. order gap (training loss, paired). On the relational scenes of the prompt set, noised at σ = 0.9 and 0.6 (two
+   draws each), the x̂0 error with the swapped prompt ("a blue square left of a red circle" for a scene of "a red
+   circle left of a blue square") against the error with the true prompt, on the same noisy input: relative gap
+   (swapped - true) / true, and the share of scenes where the true prompt is better ("win", chance 0.5). An
+   order-blind model gives gap 0 and win ~0.5; it moves long before sampled layouts do.
+4. sampled images (28 Euler steps, CFG λ = 4 and no guidance by default) on a fixed prompt set: 96 relational
    prompts with two different colours, 48 single objects. A centroid judge (not learned; palette chromaticity
    for the colour, bounding-box fill ratio for the shape) reads them: "found" = both colours present,
    "relation | found" (chance 0.5), and shape accuracy of single objects. The same judge on the real renders of
@@ -31,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from s2g.data.scenes import COLORS, random_scenes, render
+from s2g.data.scenes import COLORS, describe, random_scenes, render
 from s2g.guidance import CFG, Conditional
 from s2g.pipeline import describe_checkpoint, load_tiny
 
@@ -74,6 +79,26 @@ def layout_shares(pipe, sigma: float = 0.9, draws: int = 64, seed: int = 0) -> d
             half = red[:, : W // 2] if axis == "left" else red[: H // 2]
             out[f"{axis}_{tag}"] = (half.sum() / red.sum().clamp(min=1e-8)).item()
         out[f"{axis}_flip"] = out[f"{axis}_orig"] - out[f"{axis}_swapped"]
+    return out
+
+
+@torch.no_grad()
+def order_gap(pipe, scenes, sigmas=(0.9, 0.6), draws: int = 2, seed: int = 0) -> dict:
+    rel = [s for s in scenes if s.relation not in (None, "and")]
+    x0 = render(rel, pipe.latent_shape[-1]) * 2 - 1
+    true = pipe.text_encoder.encode([s.prompt for s in rel])
+    swapped = pipe.text_encoder.encode([f"{describe(s.objects[1])} {s.relation} {describe(s.objects[0])}" for s in rel])
+    gen, out = torch.Generator().manual_seed(seed), {}
+    for sigma in sigmas:
+        err = {"true": 0.0, "swapped": 0.0}
+        for _ in range(draws):
+            x = (1 - sigma) * x0 + sigma * torch.randn(x0.shape, generator=gen)
+            s = torch.full((len(rel),), sigma)
+            for tag, c in (("true", true), ("swapped", swapped)):
+                x0_hat = x - sigma * pipe.denoiser(x, s, c["context"], c["pooled"])
+                err[tag] = err[tag] + (x0_hat - x0).square().mean((1, 2, 3))
+        out[f"gap_{sigma}"] = ((err["swapped"].mean() - err["true"].mean()) / err["true"].mean()).item()
+        out[f"win_{sigma}"] = (err["true"] < err["swapped"]).float().mean().item()
     return out
 
 
@@ -142,8 +167,10 @@ def probe(path, sample: bool = True, scenes=None) -> dict:
     rec = {"checkpoint": str(path), "step": int(describe_checkpoint(path).get("steps", -1))}
     rec.update(slot_swap(pipe.text_encoder))
     rec.update(layout_shares(pipe))
+    scenes = scenes or prompt_set()
+    rec.update(order_gap(pipe, scenes))
     if sample:
-        rec.update(sampled(pipe, scenes or prompt_set(), {"none": Conditional(), "cfg4": CFG(scale=4.0)}))
+        rec.update(sampled(pipe, scenes, {"none": Conditional(), "cfg4": CFG(scale=4.0)}))
     return rec
 
 
@@ -151,7 +178,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("paths", nargs="+", help="tiny checkpoints, or run dirs (their exports/*.safetensors)")
     ap.add_argument("--out", help="append one JSON line per checkpoint here")
-    ap.add_argument("--no-sample", action="store_true", help="probes 1-2 only (seconds)")
+    ap.add_argument("--no-sample", action="store_true", help="probes 1-3 only (seconds)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--skip-done", action="store_true", help="skip checkpoints already in --out")
     args = ap.parse_args(argv)
@@ -171,7 +198,7 @@ def main(argv=None) -> None:
         t = time.time()
         rec = probe(path, sample=not args.no_sample, scenes=scenes)
         rec["probe_seconds"] = round(time.time() - t, 1)
-        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in rec.items()}), flush=True)
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in rec.items()}), flush=True)
         if args.out:
             with open(args.out, "a") as f:
                 f.write(json.dumps(rec) + "\n")
