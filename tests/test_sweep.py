@@ -97,6 +97,12 @@ def test_one_sweep_equals_separate_passes(kind, with_cfg_rows, dropped):
     assert sum(r for _, r in sweep_calls) < full
 
 
+def test_no_variants_no_outputs():
+    x, cond, _ = _mmdit_inputs()
+    with torch.no_grad():
+        assert _mmdit().forward_shared(x, torch.full((2,), 0.5), skips=[], **cond) == []
+
+
 def test_block_rows_counts_the_shared_prefix_at_sd3_shape():
     # 24 blocks, S² rows cond + uncond + one sub-network dropping {3, 10}: 48 + blocks 4..23 except 10 = 19.
     assert block_rows([frozenset(), frozenset(), frozenset({3, 10})], [0, 1, 0], 1, 24) == 48 + 19

@@ -56,6 +56,8 @@ def sweep(state: State, skips: Sequence[frozenset], inputs: Sequence[int], K: in
           run_block: Callable[[int, State], State]) -> tuple[State, list[int]]:
     """Run every variant through the blocks it keeps. Returns (final state, slab): variant j's final rows are
     slab[j]·B ... slab[j]·B + B of the final state (variants with the same history share a slab)."""
+    if not skips:
+        return state, []
     # A piece: (state, number of slabs in it, [(slab position, variants sharing that slab)]).
     slabs = [(k, [j for j, i in enumerate(inputs) if i == k]) for k in range(K)]
     pieces = [(state, K, [s for s in slabs if s[1]])]
