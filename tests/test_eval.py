@@ -77,13 +77,16 @@ def _det(color, shape, x, y, area=50):
 def test_score_fails_exactly_the_wrong_attribute():
     p = "a red circle left of a blue square"
     good = [_det("red", "circle", 0.2, 0.5), _det("blue", "square", 0.8, 0.5)]
-    assert score(p, good) == {"count": 1, "color": 1, "shape": 1, "relation": 1, "found": 1, "all": 1}
+    ok = {"count": 1, "color": 1, "shape": 1, "relation": 1, "found": 1, "flipped": 0, "all": 1}
+    assert score(p, good) == ok
     wrong_color = [_det("green", "circle", 0.2, 0.5), good[1]]
-    assert score(p, wrong_color) == {"count": 1, "color": 0, "shape": 1, "relation": 0, "found": 0, "all": 0}
+    assert score(p, wrong_color) == {**ok, "color": 0, "relation": 0, "found": 0, "all": 0}
     wrong_shape = [_det("red", "triangle", 0.2, 0.5), good[1]]
-    assert score(p, wrong_shape) == {"count": 1, "color": 1, "shape": 0, "relation": 0, "found": 0, "all": 0}
+    assert score(p, wrong_shape) == {**ok, "shape": 0, "relation": 0, "found": 0, "all": 0}
     swapped = [_det("red", "circle", 0.8, 0.5), _det("blue", "square", 0.2, 0.5)]
-    assert score(p, swapped) == {"count": 1, "color": 1, "shape": 1, "relation": 0, "found": 1, "all": 0}
+    assert score(p, swapped) == {**ok, "relation": 0, "flipped": 1, "all": 0}
+    stacked = [_det("red", "circle", 0.5, 0.2), _det("blue", "square", 0.5, 0.8)]  # neither left nor right
+    assert score(p, stacked) == {**ok, "relation": 0, "flipped": 0, "all": 0}
     extra = good + [_det("red", "circle", 0.5, 0.1, area=12)]
     r = score(p, extra)
     assert (r["count"], r["color"], r["shape"], r["all"]) == (0, 0, 0, 0) and r["relation"] == 1  # largest one
@@ -140,10 +143,11 @@ def test_an_edited_render_fails_exactly_that_metric(evaluator, edit):
     orig = [score(s.prompt, d) for s, d in zip(scenes, evaluator.detect(render(scenes)))]
     bad = [score(s.prompt, d) for s, d in zip(edited, evaluator.detect(render(edited)))]
     assert all(r["all"] == 1 for r in orig)
-    expect_fail = {"color": {"color", "relation", "found", "all"}, "shape": {"shape", "relation", "found", "all"},
-                   "relation": {"relation", "all"}}[edit]
+    expect_fail = {"color": {"color", "relation", "found", "flipped", "all"},
+                   "shape": {"shape", "relation", "found", "flipped", "all"}, "relation": {"relation", "all"}}[edit]
     for r in bad:
         assert {k for k, v in r.items() if v == 0} == expect_fail, r
+        assert r["flipped"] == (edit == "relation")  # the mirrored layout is the opposite relation
 
 
 def test_frechet_between_independent_renders_is_at_its_floor(evaluator):

@@ -1,6 +1,7 @@
 """Evaluator vs eyes on generated images, and which evaluator layer a Fréchet distance can see.
 
-    python experiments/eval/eyecheck.py OUT_DIR        # ~8 min on one thread: 1200 images, grids, FD per layer
+    python experiments/eval/eyecheck.py OUT_DIR                 # ~8 min on one thread: 1200 images, grids, FD
+    python experiments/eval/eyecheck.py OUT_DIR --run RUN_DIR   # 20 saved images of a finished evaluate.py run
 
 Generates the first 200 validation prompts x seeds 0, 1 with the shipped embedded model under no guidance,
 CFG 4 and CFG 7.5 (28 Euler steps, the harness's per-(prompt, seed) noise), then writes
@@ -19,6 +20,7 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
@@ -27,17 +29,17 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from s2g.eval import SceneEvaluator, frechet_distance, prompt_set, score, work_items  # noqa: E402
-from s2g.eval.harness import generate, reference_renders  # noqa: E402
+from s2g.eval.harness import Item, generate, reference_renders  # noqa: E402
 from s2g.guidance import CFG, Conditional  # noqa: E402
 from s2g.pipeline import load_tiny  # noqa: E402
 
 TILE = 160
 
 
-def grids(name, images, items, evaluator, out: Path, rows_out: list):
-    sel = list(range(0, len(items), 10))[:40]
+def grids(name, images, items, evaluator, out: Path, rows_out: list, step: int = 10, pages: int = 2):
+    sel = list(range(0, len(items), step))[:20 * pages]
     dets = evaluator.detect(images[sel])
-    for page in range(2):
+    for page in range(pages):
         canvas = Image.new("RGB", (5 * TILE, 4 * (TILE + 52)), (255, 255, 255))
         draw = ImageDraw.Draw(canvas)
         for k in range(20):
@@ -59,6 +61,23 @@ def grids(name, images, items, evaluator, out: Path, rows_out: list):
             rows_out.append({"guider": name, "tile": j, "seed": items[i].seed, "prompt": items[i].prompt,
                              "evaluator_reads": got, **s})
         canvas.save(out / f"grid_{name}_{page}.png")
+
+
+def from_run(run: Path, out: Path) -> None:
+    """Grid of every 40th image that `evaluate.py save_images=true` saved, read again by the evaluator."""
+    out.mkdir(parents=True, exist_ok=False)
+    with open(run / "per_image.csv", newline="") as f:
+        picked = list(csv.DictReader(f))[::40][:20]
+    items = [Item(int(r["index"]), int(r["seed"]), int(r["prompt_index"]), r["prompt"]) for r in picked]
+    images = torch.stack([torch.from_numpy(np.array(Image.open(
+        run / "images" / f"seed{it.seed}_{it.prompt_index:05d}.png").convert("RGB"))).permute(2, 0, 1).float() / 255
+        for it in items])
+    rows: list[dict] = []
+    grids(run.name, images, items, SceneEvaluator.load(), out, rows, step=1, pages=1)
+    with open(out / "readings.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
 
 
 def main(out: Path) -> None:
@@ -88,6 +107,9 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python experiments/eval/eyecheck.py OUT_DIR")
-    main(Path(sys.argv[1]))
+    if len(sys.argv) == 4 and sys.argv[2] == "--run":
+        from_run(Path(sys.argv[3]), Path(sys.argv[1]))
+    elif len(sys.argv) == 2:
+        main(Path(sys.argv[1]))
+    else:
+        sys.exit("usage: python experiments/eval/eyecheck.py OUT_DIR [--run RUN_DIR]")

@@ -10,6 +10,9 @@ Per image (1 = correct, 0 = wrong):
             length (so within about 60° of the axis, with a margin for touching objects). If a named object
             is found twice, its largest detection is used;
 - found:    relational prompts only: both named objects are found (relation given found = relation / found);
+- flipped:  relational prompts only: both are found and the *opposite* relation holds ("A right of B" for
+            "A left of B"). A model blind to word order draws both equally often, so relation given found
+            against flipped given found is the order control; chance alone is not (layouts are not uniform);
 - all:      the detected (colour, shape) pairs are exactly the prompt's, and the relation holds if there is one.
 """
 from __future__ import annotations
@@ -21,6 +24,7 @@ import numpy as np
 from ..data.scenes import parse_prompt
 
 ATTRIBUTES = ("count", "color", "shape", "relation", "all")
+OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 
 
 POSITION_THRESHOLD = 0.1  # GenEval's default
@@ -48,8 +52,8 @@ def relation_holds(relation: str, a, b, threshold: float = POSITION_THRESHOLD) -
 
 
 def score(prompt: str, detections) -> dict:
-    """{count, color, shape, relation, found, all} for one image; relation and found are None for prompts
-    without a spatial relation."""
+    """{count, color, shape, relation, found, flipped, all} for one image; relation, found and flipped are None
+    for prompts without a spatial relation."""
     objects, relation = parse_prompt(prompt)
     got = [(d.color, d.shape) for d in detections]
     exact = Counter(got) == Counter(objects)
@@ -59,6 +63,7 @@ def score(prompt: str, detections) -> dict:
         "shape": int(Counter(s for _, s in got) == Counter(s for _, s in objects)),
         "relation": None,
         "found": None,
+        "flipped": None,
         "all": int(exact),
     }
     if relation not in (None, "and"):
@@ -69,5 +74,6 @@ def score(prompt: str, detections) -> dict:
         found = all(p is not None for p in pick)
         ok = found and relation_holds(relation, *pick)
         out["found"], out["relation"] = int(found), int(ok)
+        out["flipped"] = int(found and relation_holds(OPPOSITE[relation], *pick))
         out["all"] = int(exact and ok)
     return out

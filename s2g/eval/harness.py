@@ -144,10 +144,9 @@ def adherence_summary(rows: list[dict], n_boot: int = 2000, level: float = 0.95,
                 vals = np.array([sub[i][a] for i in keep], dtype=float)
                 out[a] = _mean_interval(vals, clusters[keep], n_boot=n_boot, level=level, seed=seed)
         found = [r for r in sub if r["found"] == 1]
-        if found:
-            out["relation_given_found"] = _mean_interval([r["relation"] for r in found],
-                                                         [r["prompt_index"] for r in found], n_boot=n_boot,
-                                                         level=level, seed=seed)
+        for key in ("relation", "flipped") if found else ():  # the order control: see adherence.py
+            out[f"{key}_given_found"] = _mean_interval([r[key] for r in found], [r["prompt_index"] for r in found],
+                                                       n_boot=n_boot, level=level, seed=seed)
         out["n_images"] = len(sub)
         out["n_prompts"] = len(set(clusters.tolist()))
         return out

@@ -24,7 +24,7 @@ from .harness import (_mean_interval, adherence_summary, check_scene_prompts, fi
 from .prompts import prompt_set
 
 OUTPUTS = ("metrics.json", "per_image.csv", "features.safetensors", "samples.png", "config.yaml", "run.json")
-TABLE_METRICS = ("all", "count", "color", "shape", "relation", "relation_given_found")
+TABLE_METRICS = ("all", "count", "color", "shape", "relation", "relation_given_found", "flipped_given_found")
 
 
 # ------------------------------------------------------------------------------------------- torch.distributed
@@ -351,13 +351,13 @@ def gather(sweep: Path, baseline: str | None = None) -> list[dict]:
         w.writerows(table)
     lines = [f"# {sweep}", "", "95% bootstrap intervals over prompts." +
              (f" Δ = paired difference to `{baseline}` (same prompts, same noise)." if base else ""), ""]
-    head = ["run", "all", "count", "color", "shape", "relation", "rel. given found", "FD (floor)", "P", "R", "NFE",
-            "s/img"] + (["Δ all", "Δ relation"] if base else [])
+    head = ["run", "all", "count", "color", "shape", "relation", "rel. given found", "flipped given found",
+            "FD (floor)", "P", "R", "NFE", "s/img"] + (["Δ all", "Δ relation"] if base else [])
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table:
         iv = lambda k: _fmt({"mean": r[k], "lo": r[f"{k}_lo"], "hi": r[f"{k}_hi"]}) if k in r else ""  # noqa: E731
         cells = [f"{r['run']} ({r['overrides']})" if r["overrides"] else r["run"], iv("all"), iv("count"), iv("color"),
-                 iv("shape"), iv("relation"), iv("relation_given_found"),
+                 iv("shape"), iv("relation"), iv("relation_given_found"), iv("flipped_given_found"),
                  f"{r['frechet']:.2f} ({r['frechet_floor']:.2f})" if "frechet" in r else "",
                  f"{r['precision']:.3f}" if "precision" in r else "", f"{r['recall']:.3f}" if "recall" in r else "",
                  f"{r['nfe']:.0f}", f"{r['seconds_per_image']:.3f}"]
