@@ -254,6 +254,7 @@ def test_evaluate_end_to_end_torchrun_equals_one_process(tmp_path):
     assert pr.returncode == 0, pr.stderr[-2000:]
     res = json.loads((tmp_path / "s2_0" / "paired_vs_cfg.json").read_text())
     assert res["n_pairs"] == 12 and res["all"]["mean"] == res["all"]["lo"] == res["all"]["hi"] == 0.0
+    assert abs(res["frechet"]["mean"]) < 1e-9 and abs(res["frechet"]["lo"]) < 1e-9  # same images, same FD
 
 
 @pytest.mark.parametrize("args, message", [

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..runinfo import build_model, git_revision
 from . import stats
-from .harness import (_mean_interval, adherence_summary, check_scene_prompts, fidelity_summary, generate,
+from .harness import (Item, _mean_interval, adherence_summary, check_scene_prompts, fidelity_summary, generate,
                       image_rows, reference_renders, shard, work_items)
 from .prompts import prompt_set
 
@@ -253,15 +253,17 @@ def load_run(path: Path) -> dict:
         raise FileNotFoundError(f"{path}: no metrics.json (not a finished evaluate.py run)")
     with open(path / "per_image.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    return {"dir": path, "metrics": json.loads((path / "metrics.json").read_text()), "rows": rows,
+    config = OmegaConf.to_container(OmegaConf.load(path / "config.yaml")) if (path / "config.yaml").is_file() else {}
+    return {"dir": path, "metrics": json.loads((path / "metrics.json").read_text()), "rows": rows, "config": config,
             "features": load_file(str(path / "features.safetensors"))["features"].double().numpy(),
             "run": json.loads((path / "run.json").read_text()) if (path / "run.json").is_file() else {}}
 
 
 def paired(a: dict, b: dict, n_boot: int = 2000, level: float = 0.95, seed: int = 0, fd_boot: int = 200) -> dict:
-    """A - B on the (prompt, seed) items both runs share: every adherence metric, and the Fréchet distance (both
-    against A's real-render statistics are not stored, so the FD difference is taken between the two runs' own
-    FDs on a shared bootstrap of prompts, each against its features' reference renders: see `fidelity`)."""
+    """A - B on the (prompt, seed) items both runs share: every adherence metric (mean difference, cluster
+    bootstrap interval over prompts, sign-flip p-value), and, when both runs have scene features, the Fréchet
+    distance difference FD(A, ref) - FD(B, ref) against the same real renders of those items, on a shared
+    bootstrap of prompts."""
     key = lambda r: (r["seed"], r["prompt"])  # noqa: E731
     ib = {key(r): i for i, r in enumerate(b["rows"])}
     pairs = [(i, ib[key(r)]) for i, r in enumerate(a["rows"]) if key(r) in ib]
@@ -278,6 +280,18 @@ def paired(a: dict, b: dict, n_boot: int = 2000, level: float = 0.95, seed: int 
             d = stats.paired_difference(np.array([float(va[k]) for k in keep]), np.array([float(vb[k]) for k in keep]),
                                         clusters[keep], n_boot=n_boot, level=level, seed=seed)
             out[m] = d.as_dict()
+    fa, fb = a["features"][ia], b["features"][jb]
+    if fa.shape[1] and fb.shape[1] and a["metrics"].get("fidelity") and len(set(clusters.tolist())) > 1:
+        from .evaluator import SceneEvaluator
+        items = [Item(k, int(a["rows"][i]["seed"]), int(a["rows"][i]["prompt_index"]), a["rows"][i]["prompt"])
+                 for k, i in enumerate(ia)]
+        ref_seed = int(a["config"].get("reference_seed", 0))
+        ref = SceneEvaluator.load().features(reference_renders(items, ref_seed)).double().numpy()
+        diff = lambda x, y, r: stats.frechet_distance(x, r) - stats.frechet_distance(y, r)  # noqa: E731
+        d = stats.bootstrap_statistic(diff, fa, fb, ref, clusters=clusters, n_boot=fd_boot, level=level,
+                                      seed=seed).as_dict()
+        d["mean"] = diff(fa, fb, ref)
+        out["frechet"] = d
     return out
 
 
@@ -290,10 +304,11 @@ def pair(dirs, boot) -> dict:
         raise FileExistsError(f"{out_path} exists; outputs are never overwritten")
     res = paired(a, b, int(boot.n), float(boot.level), int(boot.seed))
     out_path.write_text(json.dumps(res, indent=1))
-    for m in ("all", "count", "color", "shape", "relation"):
+    for m in ("all", "count", "color", "shape", "relation", "frechet"):
         if m in res:
             r = res[m]
-            print(f"{m:9s} A-B {r['mean']:+.4f} [{r['lo']:+.4f}, {r['hi']:+.4f}]")
+            p = f"  p = {r['p_value']:.3g}" if r.get("p_value") is not None else ""
+            print(f"{m:9s} A-B {r['mean']:+.4f} [{r['lo']:+.4f}, {r['hi']:+.4f}]{p}")
     print(f"wrote {out_path} ({res['n_pairs']} paired images)")
     return res
 
