@@ -28,7 +28,26 @@ def build_model(model_cfg: DictConfig):
 
     args = OmegaConf.to_container(model_cfg, resolve=True)
     extras = {k: args.pop(k) for k in SCRIPT_KEYS if k in args}
+    compile_ = bool(args.pop("compile", False))
     for key in ("checkpoint", "weak_checkpoint"):
         if args.get(key) == "embedded":
             args.pop(key)
-    return hydra.utils.instantiate(args), extras
+    model = hydra.utils.instantiate(args)
+    if compile_:
+        for denoiser in (model.denoiser, model.weak):
+            if denoiser is not None:
+                compile_regions(denoiser)
+    return model, extras
+
+
+def compile_regions(denoiser) -> None:
+    """`model.compile: true`: the MMDiT's regional compilation (each block, the embedders and the head), through
+    the wrappers around it (XPrediction, OnDevice). Lazy: the first sampling step compiles."""
+    from .models.mmdit import MMDiT
+
+    net = denoiser
+    while not isinstance(net, MMDiT) and hasattr(net, "net"):
+        net = net.net
+    if not isinstance(net, MMDiT):
+        raise ValueError(f"model.compile: {type(denoiser).__name__} has no MMDiT inside to compile")
+    net.compile()

@@ -1,0 +1,26 @@
+"""What the Hydra entry points share (s2g/runinfo.py): building a model from its config group."""
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from s2g.runinfo import build_model, compile_regions, git_revision
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("compile_", [False, True])
+def test_build_model_returns_script_keys_and_compiles_blocks_on_request(compile_):
+    cfg = OmegaConf.load(ROOT / "configs" / "model" / "tiny.yaml")
+    cfg.compile = compile_
+    pipe, extras = build_model(cfg)
+    assert extras["default_prompts"][0] == "a red circle" and extras["grid"]["samples_per_prompt"] == 4
+    for denoiser in (pipe.denoiser, pipe.weak):  # XPrediction around an MMDiT, the weak model too
+        blocks = denoiser.net.joint_blocks
+        assert all((b._compiled_call_impl is not None) == compile_ for b in blocks)
+
+
+def test_compile_needs_an_mmdit_and_revision_is_named():
+    with pytest.raises(ValueError, match="no MMDiT inside"):
+        compile_regions(object())
+    assert git_revision() == "unknown" or len(git_revision()) >= 40
