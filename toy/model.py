@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import trange
 
-from s2g.models.sweep import check_variants, sweep
+from s2g.models.sweep import check_plan, check_variants, sweep
 
 from .mixture import GaussianMixture
 
@@ -70,11 +70,10 @@ class ToyMLP(nn.Module):
     def null_label(self) -> int:
         return self.num_classes
 
+    perturbations = ("skip",)  # no attention: PAG's and SEG's perturbations do not exist here
+
     def _check_skip(self, skip) -> frozenset:
-        bad = [b for b in skip if not 0 <= b < self.num_blocks]
-        if bad:
-            raise ValueError(f"skip {sorted(bad)} out of range for {self.num_blocks} blocks")
-        return frozenset(skip)
+        return frozenset(check_plan(skip, self.num_blocks, self.perturbations, "the toy MLP"))
 
     def _embed(self, x: Tensor, sigma: Tensor, label: Tensor) -> tuple[Tensor, Tensor]:
         sigma = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1).expand(x.shape[0])
@@ -97,7 +96,7 @@ class ToyMLP(nn.Module):
         inputs, K, B = check_variants(skips, inputs, x.shape[0])
         h, e = self._embed(x, sigma, label)
         (h, e), slab = sweep((h, e), skips, inputs, K, B, self.num_blocks,
-                             lambda i, st: (self.blocks[i](st[0], st[1]), st[1]))
+                             lambda i, st, _: (self.blocks[i](st[0], st[1]), st[1]))
         out = self.out(self.out_norm(h)).to(x.dtype).split(B)
         return [out[n] for n in slab]
 

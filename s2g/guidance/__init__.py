@@ -6,8 +6,12 @@ from .base import COND, UNCOND, Estimate, Guider, Pass, Step
 from .cfg import CFG, Conditional
 from .cfg_zero_star import CFGZeroStar
 from .cfgpp import CFGPlusPlus
+from .fdg import FDG
+from .pag import PerturbedAttentionGuidance
 from .s2 import S2Guidance
+from .seg import SmoothedEnergyGuidance
 from .slg import SkipLayerGuidance
+from .tcfg import TCFG
 
 GUIDERS = {
     "none": Conditional,
@@ -17,6 +21,10 @@ GUIDERS = {
     "cfg_zero_star": CFGZeroStar,
     "autoguidance": AutoGuidance,
     "slg": SkipLayerGuidance,
+    "pag": PerturbedAttentionGuidance,
+    "seg": SmoothedEnergyGuidance,
+    "tcfg": TCFG,
+    "fdg": FDG,
     "s2": S2Guidance,
 }
 
@@ -28,4 +36,5 @@ def build_guider(name: str, **kwargs) -> Guider:
 
 
 __all__ = ["APG", "AutoGuidance", "CFG", "CFGPlusPlus", "CFGZeroStar", "Conditional", "S2Guidance", "SkipLayerGuidance",
+           "PerturbedAttentionGuidance", "SmoothedEnergyGuidance", "TCFG", "FDG",
            "Guider", "Pass", "Step", "Estimate", "COND", "UNCOND", "GUIDERS", "build_guider"]

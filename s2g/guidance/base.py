@@ -16,6 +16,8 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
+from ..models.sweep import SKIP, Perturbation
+
 
 @dataclass(frozen=True)
 class Pass:
@@ -24,11 +26,30 @@ class Pass:
     cond: conditional (True) or unconditional/negative (False) input.
     skip: indices of blocks that run as identity (S² sub-networks, SLG).
     denoiser: another network (Autoguidance's weak model); None means the sampler's main denoiser.
+    perturb: (block, Perturbation) pairs for the other perturbations (PAG's identity attention, SEG's blur).
     """
 
     cond: bool = True
     skip: frozenset = frozenset()
     denoiser: Callable | None = None
+    perturb: frozenset = frozenset()
+
+    @property
+    def plan(self):
+        """What the denoiser's `skip=` gets: the skip set itself when nothing else is perturbed (so skip-only
+        passes reach the network exactly as before), else a {block: Perturbation} plan."""
+        if not self.perturb:
+            return self.skip
+        return {**{b: SKIP for b in self.skip}, **dict(self.perturb)}
+
+    @property
+    def perturbed(self) -> bool:
+        return bool(self.skip or self.perturb)
+
+
+def perturbed_pass(blocks, perturbation: Perturbation) -> Pass:
+    """The conditional pass with `perturbation` at every block in `blocks`."""
+    return Pass(cond=True, perturb=frozenset((int(b), perturbation) for b in blocks))
 
 
 COND = Pass(cond=True)
@@ -120,6 +141,11 @@ class Guider:
     def active(self, step: Step) -> bool:
         lo, hi = self.interval
         return lo <= step.sigma <= hi
+
+    def perturbations(self) -> frozenset:
+        """Kinds of block perturbation beyond skipping that this guider's passes may ask for (the sampler checks
+        the denoiser can do them before the first step)."""
+        return frozenset()
 
     # -- what to run ------------------------------------------------------------------------------------------
     def passes(self, step: Step) -> list[Pass]:

@@ -7,7 +7,9 @@ those load with no renaming; checkpoint.py maps the diffusers layout onto them. 
 timestep features, adaLN chunk order shift/scale/gate).
 
 The call is the Denoiser seam: `model(x, sigma, context, pooled, skip=())` -> velocity v = eps - x0, where
-x_sigma = (1 - sigma) x0 + sigma eps and the network sees the timestep 1000 * sigma.
+x_sigma = (1 - sigma) x0 + sigma eps and the network sees the timestep 1000 * sigma. `skip` is a set of blocks
+run as identity, or a plan {block: Perturbation} (sweep.py) that may also make a block's attention the identity
+(PAG) or blur its image queries (SEG).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .sweep import check_variants, sweep
+from .sweep import Perturbation, check_plan, check_variants, sweep
 
 
 @dataclass(frozen=True)
@@ -142,22 +144,51 @@ class Attention(nn.Module):
         if not pre_only:
             self.proj = nn.Linear(hidden, hidden)
 
-    def qkv_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(B, L, D) -> q, k, v each (B, L, heads, head_dim)."""
+    def qkv_heads(self, x: Tensor, smooth=None) -> tuple[Tensor, Tensor, Tensor]:
+        """(B, L, D) -> q, k, v each (B, L, heads, head_dim). `smooth(q)` (SEG) acts on the projected queries
+        before the qk-norm, where diffusers hooks its blur (on `to_q`'s output)."""
         B, L, D = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).unbind(2)
+        if smooth is not None:
+            q = smooth(q)
         if hasattr(self, "ln_q"):
             q, k = self.ln_q(q), self.ln_k(k)
         return q, k, v
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, split: list[int] | None = None):
-    """(B, L, heads, hd) x3 -> (B, L, heads*hd), or a tuple of such split along L; plain softmax attention, no
-    mask, scale 1/sqrt(hd). Splitting before merging the heads leaves each part contiguous for its projection."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+def attention(q: Tensor, k: Tensor, v: Tensor, split: list[int] | None = None, mask: Tensor | None = None):
+    """(B, L, heads, hd) x3 -> (B, L, heads*hd), or a tuple of such split along L; softmax attention (a boolean
+    `mask`: True = may attend), scale 1/sqrt(hd). Splitting before merging the heads leaves each part contiguous
+    for its projection."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
     if split is None:
         return out.transpose(1, 2).flatten(2)
     return tuple(o.transpose(1, 2).flatten(2) for o in out.split(split, dim=2))
+
+
+def gaussian_blur_tokens(q: Tensor, grid: tuple[int, int], sigma: float) -> Tensor:
+    """SEG's query smoothing: (B, h*w, ...) tokens in row-major order, blurred over the h x w grid per channel.
+    sigma > 9999 (SEG's "infinite" blur) gives every token the mean query. Otherwise a normalised Gaussian of
+    ceil(6 sigma) + 1 taps made odd and cut to the grid (at most n + 1 taps for an even side, n for an odd one,
+    as diffusers), reflect padding. Official SEG semantics: diffusers 0.42 swaps its two branches."""
+    B, L, *rest = q.shape
+    h, w = grid
+    if sigma > 9999:
+        return q.mean(1, keepdim=True).expand_as(q)
+    flat = q.reshape(B, h, w, -1).permute(0, 3, 1, 2)  # (B, C, h, w)
+    taps = math.ceil(6 * sigma) + 1 - math.ceil(6 * sigma) % 2
+
+    def kernel(n):
+        k = min(taps, n + 1 - n % 2)
+        x = torch.linspace(-(k - 1) / 2, (k - 1) / 2, k, dtype=torch.float32)
+        pdf = torch.exp(-0.5 * (x / sigma) ** 2)
+        return pdf / pdf.sum()
+
+    kh, kw = kernel(h), kernel(w)
+    weight = (kh[:, None] * kw[None, :]).to(q).expand(flat.shape[1], 1, len(kh), len(kw))
+    padded = F.pad(flat, (len(kw) // 2, len(kw) // 2, len(kh) // 2, len(kh) // 2), mode="reflect")
+    out = F.conv2d(padded, weight, groups=flat.shape[1])
+    return out.permute(0, 2, 3, 1).reshape(q.shape)
 
 
 class StreamBlock(nn.Module):
@@ -179,14 +210,20 @@ class StreamBlock(nn.Module):
         self.n_mod = 2 if pre_only else 9 if dual else 6
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, self.n_mod * hidden))
 
-    def pre_attention(self, x: Tensor, c: Tensor):
+    def pre_attention(self, x: Tensor, c: Tensor, smooth=None, identity_attention: bool = False):
+        """`smooth` / `identity_attention` perturb the image-only attention `attn2` here (MMDiT-X); the joint
+        attention is the caller's."""
         # chunks: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp[, shift_msa2, scale_msa2, gate_msa2]
         mod = self.adaLN_modulation(c)[:, None].chunk(self.n_mod, dim=-1)
         h = self.norm1(x)
-        qkv = self.attn.qkv_heads(modulate(h, mod[0], mod[1]))
+        qkv = self.attn.qkv_heads(modulate(h, mod[0], mod[1]), smooth)
         if self.pre_only:
             return qkv, None
-        x2 = attention(*self.attn2.qkv_heads(modulate(h, mod[6], mod[7]))) if self.dual else None
+        x2 = None
+        if self.dual:
+            q2, k2, v2 = self.attn2.qkv_heads(modulate(h, mod[6], mod[7]), smooth)
+            # Identity self-attention map: each token's output is its own value (PAG).
+            x2 = v2.flatten(2) if identity_attention else attention(q2, k2, v2)
         return qkv, (x, mod, x2)
 
     def post_attention(self, attn_out: Tensor, x: Tensor, mod: tuple[Tensor, ...], x2: Tensor | None) -> Tensor:
@@ -204,11 +241,22 @@ class JointBlock(nn.Module):
         self.context_block = StreamBlock(hidden, heads, mlp_ratio, qk_norm, pre_only=last)
         self.x_block = StreamBlock(hidden, heads, mlp_ratio, qk_norm, dual=dual)
 
-    def forward(self, context: Tensor, x: Tensor, c: Tensor) -> tuple[Tensor | None, Tensor]:
+    def forward(self, context: Tensor, x: Tensor, c: Tensor, perturbation: Perturbation | None = None,
+                grid: tuple[int, int] | None = None) -> tuple[Tensor | None, Tensor]:
+        """`perturbation` (never skip, which the caller does): identity_attention masks the joint attention so
+        that each image token attends to itself and to the text tokens only (text rows unchanged), as diffusers'
+        PAGJointAttnProcessor2_0; smoothed_attention blurs the image queries over the `grid` (h, w) of tokens."""
+        kind = perturbation.kind if perturbation is not None else None
+        smooth = (lambda q: gaussian_blur_tokens(q, grid, perturbation.sigma)) if kind == "smoothed_attention" else None
         ctx_qkv, ctx_rest = self.context_block.pre_attention(context, c)
-        x_qkv, x_rest = self.x_block.pre_attention(x, c)
-        ctx_out, x_out = attention(*(torch.cat(pair, dim=1) for pair in zip(ctx_qkv, x_qkv)),
-                                   split=[context.shape[1], x.shape[1]])
+        x_qkv, x_rest = self.x_block.pre_attention(x, c, smooth, kind == "identity_attention")
+        Lc, Lx = context.shape[1], x.shape[1]
+        mask = None
+        if kind == "identity_attention":
+            mask = torch.ones(Lc + Lx, Lc + Lx, dtype=torch.bool, device=x.device)
+            mask[Lc:, Lc:] = torch.eye(Lx, dtype=torch.bool, device=x.device)
+        ctx_out, x_out = attention(*(torch.cat(pair, dim=1) for pair in zip(ctx_qkv, x_qkv)), split=[Lc, Lx],
+                                   mask=mask)
         context = None if ctx_rest is None else self.context_block.post_attention(ctx_out, *ctx_rest)
         return context, self.x_block.post_attention(x_out, *x_rest)
 
@@ -294,12 +342,10 @@ class MMDiT(nn.Module):
                        self.context_embedder, self.final_layer):
             module.compile(**kwargs)
 
-    def _skip_set(self, skip) -> frozenset:
-        skip = frozenset(int(i) for i in skip) if skip is not None else frozenset()
-        bad = sorted(i for i in skip if not 0 <= i < self.num_blocks)
-        if bad:
-            raise ValueError(f"skip indices {bad} outside the {self.num_blocks} blocks [0, {self.num_blocks})")
-        return skip
+    perturbations = ("skip", "identity_attention", "smoothed_attention")  # what a plan may ask of a block
+
+    def _skip_set(self, skip) -> dict:
+        return check_plan(skip, self.num_blocks, self.perturbations, "MMDiT")
 
     def _embed(self, x: Tensor, sigma, context: Tensor, pooled: Tensor):
         cfg, dtype = self.config, self.pos_embed.dtype
@@ -332,12 +378,16 @@ class MMDiT(nn.Module):
 
     def forward(self, x: Tensor, sigma, context: Tensor, pooled: Tensor, skip=None) -> Tensor:
         """x [B,C,H,W], sigma [B] (or scalar) in [0,1], context [B,L,context_dim], pooled [B,pooled_dim];
-        blocks in `skip` are the identity for both streams. Returns the velocity in x's dtype."""
-        skip = self._skip_set(skip)
+        blocks in `skip` are the identity for both streams (or `skip` is a plan, sweep.py). Returns the velocity
+        in x's dtype."""
+        plan = self._skip_set(skip)
         tokens, ctx, c, (h, w) = self._embed(x, sigma, context, pooled)
         for i, block in enumerate(self.joint_blocks):
-            if i not in skip:
+            p = plan.get(i)
+            if p is None:
                 ctx, tokens = block(ctx, tokens, c)
+            elif p.kind != "skip":
+                ctx, tokens = block(ctx, tokens, c, p, (h, w))
         return self._head(tokens, c, h, w).to(x.dtype)
 
     def forward_shared(self, x: Tensor, sigma, context: Tensor, pooled: Tensor, skips,
@@ -352,9 +402,12 @@ class MMDiT(nn.Module):
         inputs, K, B = check_variants(skips, inputs, x.shape[0])
         tokens, ctx, c, (h, w) = self._embed(x, sigma, context, pooled)
 
-        def run_block(i, state):
+        def run_block(i, state, perturbation):
             tokens, ctx, c = state
-            ctx, tokens = self.joint_blocks[i](ctx, tokens, c)
+            if perturbation is None:  # the plain call, as before plans existed (compiled graphs stay the same)
+                ctx, tokens = self.joint_blocks[i](ctx, tokens, c)
+            else:
+                ctx, tokens = self.joint_blocks[i](ctx, tokens, c, perturbation, (h, w))
             return tokens, ctx, c
 
         (tokens, _, c), slab = sweep((tokens, ctx, c), skips, inputs, K, B, self.num_blocks, run_block)

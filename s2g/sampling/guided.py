@@ -17,6 +17,18 @@ def _stackable(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(a[k].shape[1:] == b[k].shape[1:] for k in a)
 
 
+def _innermost(net):
+    """Through wrappers that keep the network as `.net` (XPrediction, OnDevice) to the first that says what
+    perturbations it can do."""
+    while not hasattr(net, "perturbations") and hasattr(net, "net"):
+        net = net.net
+    return net
+
+
+def _perturbations(net) -> tuple:
+    return tuple(getattr(_innermost(net), "perturbations", ("skip",)))
+
+
 class GuidedDenoiser:
     """`guided(x, step) -> Estimate` for one sampling run.
 
@@ -31,6 +43,11 @@ class GuidedDenoiser:
 
     def __init__(self, denoiser, guider: Guider, cond: dict, uncond: dict | None = None, share_prefix: bool = True):
         self.denoiser, self.guider, self.cond, self.uncond = denoiser, guider, cond, uncond
+        missing = sorted(set(guider.perturbations()) - set(_perturbations(denoiser)))
+        if missing:  # before the first step, not at the first step that perturbs
+            raise ValueError(f"{type(guider).__name__} needs {', '.join(missing)}, which "
+                             f"{type(_innermost(denoiser)).__name__} cannot do (it can do: "
+                             f"{', '.join(_perturbations(denoiser))})")
         self.share_prefix = share_prefix
         self.calls = self.nfe = self.block_rows = self.other_block_rows = 0
 
@@ -40,18 +57,18 @@ class GuidedDenoiser:
         else:
             self.other_block_rows += rows
 
-    def _call(self, denoiser, x: Tensor, sigma: Tensor, skip: frozenset, cond: dict) -> Tensor:
+    def _call(self, denoiser, x: Tensor, sigma: Tensor, skip, cond: dict) -> Tensor:
         self.calls += 1
         kwargs = dict(cond)
         if skip:
-            kwargs["skip"] = skip
+            kwargs["skip"] = skip  # a skip set, or a plan {block: Perturbation}
         return denoiser(x, sigma, **kwargs).to(x.dtype)
 
     def run(self, x: Tensor, sigma: float, passes: list[Pass]) -> list[Tensor]:
         """Velocities for `passes` (same order). Identical passes run once. The passes through one network are
-        one batched sweep over its blocks (`forward_shared`): cond and uncond rows stacked, each sub-network row
-        forking from its conditional row at its first skipped block. A network without `forward_shared` (or
-        `share_prefix=False`) gets one call per skip set, cond and uncond batched."""
+        one batched sweep over its blocks (`forward_shared`): cond and uncond rows stacked, each sub-network or
+        perturbed row forking from its conditional row at its first skipped or perturbed block. A network without
+        `forward_shared` (or `share_prefix=False`) gets one call per plan, cond and uncond batched."""
         if any(not p.cond for p in passes) and self.uncond is None:
             raise ValueError(f"{type(self.guider).__name__} needs an unconditional input but none was given")
         sig = torch.full((x.shape[0],), sigma, dtype=x.dtype, device=x.device)
@@ -66,7 +83,7 @@ class GuidedDenoiser:
             stacks = [conds] if len(conds) == 1 or _stackable(self.cond, self.uncond) else [[c] for c in conds]
             for stack in stacks:
                 ps = [p for p in net_passes if p.cond in stack]
-                if self.share_prefix and hasattr(net_fn, "forward_shared") and any(p.skip for p in ps):
+                if self.share_prefix and hasattr(net_fn, "forward_shared") and any(p.perturbed for p in ps):
                     self._sweep(net, net_fn, x, sig, stack, ps, results)
                 else:
                     self._separate(net, net_fn, x, sig, ps, results)
@@ -81,7 +98,7 @@ class GuidedDenoiser:
     def _sweep(self, net, net_fn, x, sig, stack: list[bool], passes: list[Pass], results: dict) -> None:
         """All `passes` (inputs in `stack`) in one sweep over the network's blocks."""
         xs, sigs, cond = self._inputs(x, sig, stack)
-        skips, inputs = [p.skip for p in passes], [stack.index(p.cond) for p in passes]
+        skips, inputs = [p.plan for p in passes], [stack.index(p.cond) for p in passes]
         self.calls += 1
         outs = net_fn.forward_shared(xs, sigs, skips=skips, inputs=inputs, **cond)
         self._count(net, block_rows(skips, inputs, x.shape[0], getattr(net_fn, "num_blocks", 0) or 0))
@@ -89,22 +106,23 @@ class GuidedDenoiser:
             results[p] = v.to(x.dtype)
 
     def _separate(self, net, net_fn, x, sig, passes: list[Pass], results: dict) -> None:
-        """One call per skip set; cond and uncond with the same skip set share it."""
-        by_skip: dict[frozenset, list[bool]] = {}
+        """One call per plan; cond and uncond with the same plan share it."""
+        by_skip: dict[tuple, list[bool]] = {}
         for p in passes:
-            by_skip.setdefault(p.skip, []).append(p.cond)
+            by_skip.setdefault((p.skip, p.perturb), []).append(p.cond)
         n = getattr(net_fn, "num_blocks", 0) or 0
-        for skip, conds in by_skip.items():
+        for (skip, perturb), conds in by_skip.items():
+            plan = Pass(True, skip, net, perturb).plan
             if len(conds) == 2 and not _stackable(self.cond, self.uncond):
                 stacks = [[c] for c in conds]
             else:
                 stacks = [sorted(conds, reverse=True)]
             for stack in stacks:
                 xs, sigs, cond = self._inputs(x, sig, stack)
-                out = self._call(net_fn, xs, sigs, skip, cond)
+                out = self._call(net_fn, xs, sigs, plan, cond)
                 self._count(net, xs.shape[0] * (n - len(skip)) if n else 0)
                 for c, v in zip(stack, out.split(x.shape[0])):
-                    results[Pass(c, skip, net)] = v
+                    results[Pass(c, skip, net, perturb)] = v
 
     def __call__(self, x: Tensor, step: Step) -> Estimate:
         passes = self.guider.passes(step)
