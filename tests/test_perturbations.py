@@ -12,8 +12,8 @@ from s2g.models import load_mmdit
 from s2g.models.mmdit import gaussian_blur_tokens
 from s2g.models.sweep import IDENTITY_ATTENTION, SKIP, Perturbation, block_rows, smoothed_attention
 from s2g.sampling import GuidedDenoiser, sample, uniform_sigmas
-from tests.test_mmdit import diffusers_model, inputs
-from tests.test_sweep import _mmdit, _mmdit_inputs, _toy, _toy_inputs
+from test_mmdit import diffusers_model, inputs
+from test_sweep import _mmdit, _mmdit_inputs, _toy, _toy_inputs
 
 diffusers = pytest.importorskip("diffusers")
 
