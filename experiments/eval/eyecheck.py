@@ -52,7 +52,7 @@ def grids(name, images, items, evaluator, out: Path, rows_out: list, step: int =
             draw.rectangle([x0, y0, x0 + TILE - 1, y0 + TILE - 1], outline=(128, 128, 128), width=2)
             s = score(items[i].prompt, dets[j])
             got = ", ".join(f"{o.color[:3]} {o.shape[:3]}" for o in dets[j])
-            verdict = "OK" if s["all"] else "X " + ",".join(a for a, v in s.items() if v == 0)
+            verdict = "OK" if s["all"] else "X " + ",".join(a for a, v in s.items() if v == 0 and a != "flipped")
             text = f"#{j} {items[i].prompt}"
             draw.text((x0 + 2, y0 + TILE + 1), text[:27], fill=(0, 0, 0))
             draw.text((x0 + 2, y0 + TILE + 13), text[27:54], fill=(0, 0, 0))

@@ -328,7 +328,7 @@ def gather(sweep: Path, baseline: str | None = None) -> list[dict]:
     outs = [sweep / n for n in ("summary.csv", "summary.md", "summary.png")]
     if any(p.exists() for p in outs):
         raise FileExistsError(f"{sweep} already holds a summary; outputs are never overwritten")
-    runs = sorted((p.parent for p in sweep.glob("*/metrics.json")), key=lambda p: (len(p.name), p.name))
+    runs = sorted(p.parent for p in sweep.glob("*/metrics.json"))
     if not runs:
         raise FileNotFoundError(f"gather: no runs with metrics.json under {sweep}")
     base = None
@@ -337,11 +337,13 @@ def gather(sweep: Path, baseline: str | None = None) -> list[dict]:
             raise ValueError(f"baseline {baseline!r} is not a finished run under {sweep}")
         base = load_run(sweep / str(baseline))
     records = {d: json.loads((d / "run.json").read_text()) if (d / "run.json").is_file() else {} for d in runs}
-    common = set.intersection(*(set(r.get("overrides", [])) for r in records.values()))
+    runs.sort(key=lambda d: (records[d].get("guidance", ""), d.name))  # one guider's runs together
+    # Hydra writes a multirun's bools as True, a single run's as typed: compare case-blind
+    common = set.intersection(*({o.lower() for o in r.get("overrides", [])} for r in records.values()))
     table = []
     for d in runs:
         m = json.loads((d / "metrics.json").read_text())
-        swept = [o for o in records[d].get("overrides", []) if o not in common]  # what differs between runs
+        swept = [o for o in records[d].get("overrides", []) if o.lower() not in common]  # what differs
         row = {"run": d.name, "guidance": m.get("guidance"), "overrides": " ".join(swept)}
         o = (m.get("adherence") or {}).get("overall", {})
         for k in TABLE_METRICS:
