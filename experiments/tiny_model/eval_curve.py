@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 from s2g.pipeline import describe_checkpoint  # noqa: E402
 
-KEYS = ("all", "count", "color", "shape", "relation", "relation_given_found", "found")
+KEYS = ("all", "count", "color", "shape", "relation", "relation_given_found", "flipped_given_found", "found")
 
 
 def means(block: dict) -> dict:
