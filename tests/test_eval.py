@@ -300,3 +300,19 @@ def test_multirun_gather_and_a_user_metric(tmp_path):
     with open(sweep / "summary.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 and "d_all" in rows[1]
+
+
+def test_train_evaluator_short_run_records_itself_and_never_overwrites(tmp_path):
+    out = tmp_path / "ev.safetensors"
+    cmd = [sys.executable, "scripts/train_evaluator.py", "--steps", "3", "--batch-size", "8", "--heldout", "20",
+           "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    from s2g.eval.evaluator import describe_evaluator
+    meta = describe_evaluator(out)
+    assert meta["steps"] == "3" and "--steps 3" in meta["command"] and meta["heldout"]["clean"]["n"] == 20
+    assert SceneEvaluator.load(out).features(torch.rand(2, 3, 32, 32)).shape == (2, 128)
+    before = out.read_bytes()
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 2 and "never overwritten" in again.stderr and out.read_bytes() == before
