@@ -41,3 +41,13 @@ def labels():
     cond = {"label": torch.tensor([0, 1, 0, 1, 1])}
     uncond = {"label": torch.full((5,), 2)}
     return cond, uncond
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: thread start-up dominates, and on a shared 2-core CPU two threads run ~10x slower than one.
+    A test module opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

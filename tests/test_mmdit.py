@@ -15,13 +15,7 @@ from diffusers import SD3Transformer2DModel  # noqa: E402
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # These tensors are tiny: thread start-up dominates, and under a shared CPU two threads run ~10x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # name -> (diffusers kwargs, latent H x W, heads to pass to the loader or None, skip sets)

@@ -41,12 +41,7 @@ STEPS, SCALE = 6, 5.0
 REL_TOL = 1e-5  # max |ours - diffusers| / max |diffusers|; measured 3.4e-7 (only summation order differs)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threads cost more than they give on the shared CPU
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _random_(module, seed):

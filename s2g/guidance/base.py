@@ -123,6 +123,21 @@ def check_interval(interval: Sequence[float]) -> tuple[float, float]:
     return lo, hi
 
 
+def check_layers(layers) -> frozenset:
+    """Fixed block indices (SLG, PAG, SEG): a non-empty set of indices >= 0 (the upper bound is checked at reset)."""
+    out = frozenset(int(i) for i in layers)
+    if not out or min(out) < 0:
+        raise ValueError(f"layers must be a non-empty list of block indices >= 0, got {list(layers)}")
+    return out
+
+
+def check_window(start: float, stop: float) -> tuple[float, float]:
+    """A step window as fractions of the steps (the SD3 pipelines' skip_layer_guidance_start/stop)."""
+    if not 0.0 <= start <= stop <= 1.0:
+        raise ValueError(f"need 0 <= start <= stop <= 1 (fractions of the steps), got start={start}, stop={stop}")
+    return float(start), float(stop)
+
+
 class Guider:
     """Base class: a σ interval, the passes to request, and the combination rule.
 

@@ -8,8 +8,8 @@ int(stop·N)) with its SD3 PAG pipeline's layer (block 1); plain CFG elsewhere a
 Weights sum to 1, so the rule is the same on D, v or ε.
 """
 from ..models.sweep import IDENTITY_ATTENTION, Perturbation
-from .base import (COND, UNCOND, CFGOutsideInterval, Guider, cfg_velocity, check_scale, estimate_from_velocity,
-                   perturbed_pass)
+from .base import (COND, UNCOND, CFGOutsideInterval, Guider, cfg_velocity, check_layers, check_scale, check_window,
+                   estimate_from_velocity, perturbed_pass)
 
 
 class PerturbedAttentionGuidance(CFGOutsideInterval, Guider):
@@ -20,12 +20,8 @@ class PerturbedAttentionGuidance(CFGOutsideInterval, Guider):
         super().__init__(interval)
         self.scale = check_scale("scale", scale)
         self.perturbed_scale = check_scale("perturbed_scale", perturbed_scale)
-        self.layers = frozenset(int(i) for i in layers)
-        if not self.layers or min(self.layers) < 0:
-            raise ValueError(f"layers must be a non-empty list of block indices >= 0, got {list(layers)}")
-        if not 0.0 <= start <= stop <= 1.0:
-            raise ValueError(f"need 0 <= start <= stop <= 1 (fractions of the steps), got start={start}, stop={stop}")
-        self.start, self.stop = float(start), float(stop)
+        self.layers = check_layers(layers)
+        self.start, self.stop = check_window(start, stop)
 
     def perturbations(self):
         return frozenset({self.perturbation.kind})

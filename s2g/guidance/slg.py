@@ -4,7 +4,8 @@ D = D_u + w·(D_c - D_u) + s·(D_c - D_c,skip), where D_c,skip is the conditiona
 identity. Active on steps start·N < i < stop·N (strict, as the SD3 pipeline) and inside the σ interval; plain
 CFG elsewhere. Weights sum to 1, so the rule is the same on D or v.
 """
-from .base import COND, UNCOND, CFGOutsideInterval, Guider, Pass, cfg_velocity, check_scale, estimate_from_velocity
+from .base import (COND, UNCOND, CFGOutsideInterval, Guider, Pass, cfg_velocity, check_layers, check_scale,
+                   check_window, estimate_from_velocity)
 
 
 class SkipLayerGuidance(CFGOutsideInterval, Guider):
@@ -13,12 +14,8 @@ class SkipLayerGuidance(CFGOutsideInterval, Guider):
         super().__init__(interval)
         self.scale = check_scale("scale", scale)
         self.skip_scale = check_scale("skip_scale", skip_scale)
-        self.layers = frozenset(int(i) for i in layers)
-        if not self.layers or min(self.layers) < 0:
-            raise ValueError(f"layers must be a non-empty list of block indices >= 0, got {list(layers)}")
-        if not 0.0 <= start <= stop <= 1.0:
-            raise ValueError(f"need 0 <= start <= stop <= 1 (fractions of the steps), got start={start}, stop={stop}")
-        self.start, self.stop = float(start), float(stop)
+        self.layers = check_layers(layers)
+        self.start, self.stop = check_window(start, stop)
 
     def reset(self, num_blocks=None):
         if num_blocks is not None and max(self.layers) >= num_blocks:
