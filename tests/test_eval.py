@@ -218,6 +218,7 @@ def test_evaluate_end_to_end_torchrun_equals_one_process(tmp_path):
     o = m["adherence"]["overall"]
     assert all(0 <= o[k]["lo"] <= o[k]["mean"] <= o[k]["hi"] <= 1 for k in ("count", "color", "shape", "all"))
     assert m["fidelity"]["feature_dim"] == 128 and m["fidelity"]["n_generated"] == 12
+    assert set(m["fidelity"]["precision_recall_per_seed"]) == {"0", "1"}  # P/R spread: per seed, not bootstrap
     assert m["cost"]["nfe_per_image"] > 3 * 2 and m["cost"]["seconds_per_image"] > 0
     for f in ("per_image.csv", "samples.png", "features.safetensors", "config.yaml", "run.json"):
         assert (tmp_path / "one" / f).exists()

@@ -165,10 +165,12 @@ def adherence_summary(rows: list[dict], n_boot: int = 2000, level: float = 0.95,
 
 
 def fidelity_summary(gen: np.ndarray, ref: np.ndarray, ref2: np.ndarray, clusters: np.ndarray, k: int = 3,
-                     n_boot: int = 200, level: float = 0.95, seed: int = 0) -> dict:
+                     n_boot: int = 200, level: float = 0.95, seed: int = 0, seeds: np.ndarray | None = None) -> dict:
     """Fréchet distance between generated and real-render features (same prompts), its bootstrap interval over
     prompts, its sampling floor (the same distance between two independent render sets of the same prompts),
-    and precision / recall (k-NN manifolds, k = 3)."""
+    and precision / recall (k-NN manifolds, k = 3). Precision and recall cannot be bootstrapped (a resample's
+    duplicated rows shrink the k-NN radii), so their spread is given per noise seed instead (`seeds`: each
+    image's seed), each on that seed's images and renders."""
     fd = stats.frechet_distance(gen, ref)
     if len(set(clusters.tolist())) < 2:
         raise ValueError("the Fréchet interval needs at least 2 prompts")
@@ -176,6 +178,11 @@ def fidelity_summary(gen: np.ndarray, ref: np.ndarray, ref2: np.ndarray, cluster
                                          n_boot=n_boot, level=level, seed=seed).as_dict()
     interval["mean"] = fd  # the point estimate on the full sample; lo/hi from the bootstrap
     precision, recall = stats.precision_recall(ref, gen, k=k)
-    return {"frechet": interval, "frechet_floor": stats.frechet_distance(ref2, ref), "precision": float(precision),
-            "recall": float(recall), "feature_dim": int(gen.shape[1]), "n_generated": int(len(gen)),
-            "n_reference": int(len(ref)), "k": k}
+    out = {"frechet": interval, "frechet_floor": stats.frechet_distance(ref2, ref), "precision": float(precision),
+           "recall": float(recall), "feature_dim": int(gen.shape[1]), "n_generated": int(len(gen)),
+           "n_reference": int(len(ref)), "k": k}
+    if seeds is not None and len(set(seeds.tolist())) > 1:
+        per = {str(s): [float(v) for v in stats.precision_recall(ref[seeds == s], gen[seeds == s], k=k)]
+               for s in sorted(set(seeds.tolist())) if (seeds == s).sum() > k}
+        out["precision_recall_per_seed"] = per
+    return out

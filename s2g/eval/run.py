@@ -144,6 +144,7 @@ def evaluate(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None,
         ref2 = evaluator.features(reference_renders(items, int(cfg.reference_seed) + 1)).numpy()
         clusters = np.array([r["prompt_index"] for r in rows])
         metrics["fidelity"] = fidelity_summary(feats.numpy(), ref, ref2, clusters, n_boot=int(boot.fd_n),
+                                               seeds=np.array([r["seed"] for r in rows]),
                                                level=float(boot.level), seed=int(boot.seed))
     metrics["extra"] = _extra_summary(extra, rows, parts, order, boot)
     total_seconds = sum(p["seconds"] for p in parts)
