@@ -7,6 +7,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
+ASSETS = Path(__file__).resolve().parent / "assets"
 SCRIPT_KEYS = ("default_prompts", "grid")  # model-config keys that only the scripts read
 
 
@@ -23,7 +24,8 @@ def git_revision() -> str:
 
 def build_model(model_cfg: DictConfig):
     """(model, script keys): the config's loader (`_target_`) called without the keys only scripts read, which
-    come back as a dict; "embedded" checkpoints mean the weights shipped in s2g/assets."""
+    come back as a dict; "embedded" checkpoints mean the weights shipped in s2g/assets (the loader's default),
+    "embedded:<name>" the file s2g/assets/<name>.safetensors."""
     import hydra
 
     args = OmegaConf.to_container(model_cfg, resolve=True)
@@ -32,6 +34,8 @@ def build_model(model_cfg: DictConfig):
     for key in ("checkpoint", "weak_checkpoint"):
         if args.get(key) == "embedded":
             args.pop(key)
+        elif isinstance(args.get(key), str) and args[key].startswith("embedded:"):
+            args[key] = str(ASSETS / f"{args[key][len('embedded:'):]}.safetensors")
     model = hydra.utils.instantiate(args)
     if compile_:
         for denoiser in (model.denoiser, model.weak):

@@ -24,3 +24,20 @@ def test_compile_needs_an_mmdit_and_revision_is_named():
     with pytest.raises(ValueError, match="no MMDiT inside"):
         compile_regions(object())
     assert git_revision() == "unknown" or len(git_revision()) >= 40
+
+
+def test_named_embedded_checkpoint_resolves_to_assets():
+    """model=tiny_early inherits tiny.yaml and names its file as embedded:<name> (s2g/assets/<name>.safetensors)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(ROOT / "configs"), version_base=None):
+        cfg = compose("evaluate", overrides=["model=tiny_early"])
+    assert cfg.model.checkpoint == "embedded:tiny_early" and cfg.model.weak_checkpoint is None
+    assert cfg.model.grid.samples_per_prompt == 4  # the rest comes from tiny.yaml
+    pipe, _ = build_model(cfg.model)
+    assert pipe.weak is None and tuple(pipe.latent_shape) == (3, 32, 32)
+    cfg.model.checkpoint = "embedded:no_such_asset"
+    from hydra.errors import InstantiationException
+
+    with pytest.raises((FileNotFoundError, InstantiationException), match="no_such_asset.safetensors"):
+        build_model(cfg.model)

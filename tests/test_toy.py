@@ -15,7 +15,7 @@ from scipy.stats import wasserstein_distance
 
 from s2g.guidance import CFG, Conditional, S2Guidance, SkipLayerGuidance
 from toy import experiment as E
-from toy.controls import IntervalCFG, KappaProbe, PlaceboS2
+from s2g.guidance.controls import IntervalCFG, KappaProbe, PlaceboS2
 from toy.metrics import sample_metrics, sliced_w1, w1_to_normal_mixture
 from toy.mixture import ExactDenoiser, GaussianMixture, mixture
 from toy.model import ToyMLP, load, save, train

@@ -1,7 +1,7 @@
 """Running guiders on the toy: trained worlds, paired noise, one method → samples + metrics, and the three
 experiments scripts/toy.py offers (the method suite, one row for sweeps, the held-out-seed protocol).
 
-Every method goes through `s2g.sampling` with a guider from `s2g.guidance` (or a control from toy.controls),
+Every method goes through `s2g.sampling` with a guider from `s2g.guidance` (or a control from s2g.guidance.controls),
 so what is measured here is the project's code, not a copy of it. Methods are given as guider specs: dicts with
 a `_target_` class path and its arguments, as in configs/guidance/*.yaml.
 """
@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from s2g.guidance import AutoGuidance, S2Guidance
 from s2g.sampling import GuidedDenoiser, SAMPLERS, uniform_sigmas
 
-from .controls import KappaProbe
+from s2g.guidance.controls import KappaProbe
 from .metrics import sample_metrics
 from .mixture import ExactDenoiser, GaussianMixture, mixture
 from .model import train_or_load
@@ -224,9 +224,9 @@ def fixed_scale_study(s2_spec: dict, fixed_block: int, naive_n: int) -> dict[str
     base = {k: v for k, v in s2_spec.items() if k != "_target_"}
     return {
         "fix:cfg": {"_target_": "s2g.guidance.CFG", "scale": lam},
-        "fix:s2": dict(base, _target_="toy.controls.KappaProbe"),  # S², also measuring κ for fix:cfg_matched
+        "fix:s2": dict(base, _target_="s2g.guidance.controls.KappaProbe"),  # S², also measuring κ for fix:cfg_matched
         "fix:naive_s2": dict(base, _target_="s2g.guidance.S2Guidance", num_subnetworks=naive_n),
-        "fix:s2_placebo": dict(base, _target_="toy.controls.PlaceboS2"),
+        "fix:s2_placebo": dict(base, _target_="s2g.guidance.controls.PlaceboS2"),
         "fix:s2_negative_omega": dict(base, _target_="s2g.guidance.S2Guidance", omega=-omega,
                                       allow_negative_omega=True),
         "fix:fixed_block": {"_target_": "s2g.guidance.SkipLayerGuidance", "scale": lam, "skip_scale": omega,
@@ -237,7 +237,7 @@ def fixed_scale_study(s2_spec: dict, fixed_block: int, naive_n: int) -> dict[str
 
 def matched_cfg(s2_spec: dict, effective_scale: float) -> dict:
     """CFG at λ_eff inside S²'s interval (λ outside): S²'s strength along D_c - D_u, without the sub-network."""
-    return {"_target_": "toy.controls.IntervalCFG", "scale": float(s2_spec["scale"]),
+    return {"_target_": "s2g.guidance.controls.IntervalCFG", "scale": float(s2_spec["scale"]),
             "inner_scale": float(effective_scale), "interval": list(s2_spec.get("interval", [0.1, 0.9]))}
 
 

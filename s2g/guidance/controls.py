@@ -1,5 +1,6 @@
-"""Control guiders for the toy (reference/toy.md, "honest protocol" §5), built on S2Guidance / CFG so that no
-guidance formula is written twice. The other controls need no code: ω < 0 is
+"""Controls for S²: guiders that ask whether a gain is S²'s own (reference/toy.md, "honest protocol" §5; used by
+the toy and by experiments/claims). Built on S2Guidance / CFG so that no guidance formula is written twice.
+The other controls need no code: ω < 0 is
 `S2Guidance(..., allow_negative_omega=True)` and one fixed dropped block is
 `SkipLayerGuidance(scale=λ, skip_scale=ω, layers=[b], start=0, stop=1, interval=...)`, whose rule
 D_cfg + ω·(D_c - D̂_c) is S² with a mask that never changes.
@@ -8,8 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from s2g.guidance import CFG, S2Guidance
-from s2g.guidance.base import CFGOutsideInterval, as_generator, cfg_velocity, estimate_from_velocity, flat_dot
+from .base import CFGOutsideInterval, as_generator, cfg_velocity, estimate_from_velocity, flat_dot
+from .cfg import CFG
+from .s2 import S2Guidance
 
 
 class PlaceboS2(S2Guidance):

@@ -1,0 +1,437 @@
+"""The paper's text-to-image claims on the embedded model (issue 10), one item per folder of experiments/claims/.
+
+    python experiments/claims/claims.py best                    # Table 1/2: every method tuned on val, test report
+    python experiments/claims/claims.py best --model tiny_early # the same on the early checkpoint (item 9: regime)
+    python experiments/claims/claims.py fixed                   # S² on top of CFG at the same λ (paper's protocol)
+    python experiments/claims/claims.py blocks                  # Table 4: number of dropped blocks
+    python experiments/claims/claims.py sweeps                  # Fig. 7a/b/e: λ, ω, σ interval
+    python experiments/claims/claims.py subnetworks             # Fig. 8: N = 1, 2, 4, 8, quality against cost
+    python experiments/claims/claims.py form                    # appendix reading against Algorithm 1
+    python experiments/claims/claims.py controls                # placebo, matched-λ CFG, fixed block, ω < 0
+
+Every image comes from scripts/evaluate.py's own code (`s2g.eval.run.evaluate`, called in-process so that a
+sweep pays Python's start-up once); each run dir holds the exact equivalent command line in run.json, and each
+item folder a commands.sh listing them. Runs live in runs/<model>/<set>/<name>/ and are shared between items
+(the CFG baseline at λ is one run, whoever needs it). A finished run is never redone, so an interrupted item
+resumes where it stopped. Paired differences match (prompt, seed) items, so a 100-prompt ablation pairs with
+the first 100 prompts of a 200-prompt baseline.
+
+Protocol (fixed before any test run):
+- tuning on VAL (64 val prompts x seeds 0, 1); every method gets one grid of 6 settings (none has nothing to
+  tune); the selected setting is the one with the highest all-correct rate, ties to the lower Fréchet distance.
+- the report on TEST (the first 200 test prompts x seeds 0, 1, 2 = 600 images per method), paired against CFG;
+- ablations (items 3-8) on ABLATION (the first 100 test prompts x seeds 0, 1, 2), around S²'s val-selected
+  setting; nothing is chosen on them.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+
+SETS = {
+    "val": ["prompts=val", "num_prompts=64", "seeds=[0,1]"],
+    "test": ["prompts=test", "num_prompts=200", "seeds=[0,1,2]"],
+    "ablation": ["prompts=test", "num_prompts=100", "seeds=[0,1,2]"],
+}
+
+# method -> (guidance config group, grid of guidance.* values). 6 settings each; the Cartesian product in order.
+METHODS = {
+    "none": ("none", {}),
+    "cfg": ("cfg", {"scale": [1.5, 2, 3, 4, 6, 9]}),
+    "cfgpp": ("cfgpp", {"scale": [0.1, 0.2, 0.4, 0.6, 0.8, 1.0]}),
+    "apg": ("apg", {"scale": [3, 5, 7.5, 10, 15, 20]}),
+    "cfg_zero_star": ("cfg_zero_star", {"scale": [1.5, 2, 3, 4, 6, 9]}),
+    "autoguidance": ("autoguidance", {"scale": [1.5, 2, 2.5, 3, 4, 6]}),
+    "slg": ("slg", {"scale": [3, 4, 6], "skip_scale": [1.5, 3]}),
+    "pag": ("pag", {"scale": [3, 4, 6], "perturbed_scale": [1.5, 3]}),
+    "seg": ("seg", {"scale": [3, 4, 6], "seg_scale": [1.5, 3]}),
+    "s2": ("s2", {"scale": [3, 4, 6], "omega": [0.25, 1]}),
+    "naive_s2": ("naive_s2", {"scale": [3, 4, 6], "omega": [0.25, 1]}),
+}
+PAPER = {"scale": 7.5, "omega": 0.25}  # the paper's S² setting on SD3
+
+
+# ------------------------------------------------------------------------------------------------ running
+
+
+def fmt(v) -> str:
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(fmt(x) for x in v) + "]"
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    return str(v)
+
+
+def run_name(group: str, params: dict) -> str:
+    return "_".join([group] + [f"{k}={fmt(v)}" for k, v in params.items()]).replace("/", "-")
+
+
+def overrides_for(model: str, subset: str, group: str, params: dict) -> list[str]:
+    return [f"model={model}", *SETS[subset], f"guidance={group}", "progress=false",
+            *[f"{'+' if k.startswith('+') else ''}guidance.{k.lstrip('+')}={fmt(v)}" for k, v in params.items()]]
+
+
+class Runner:
+    """Runs (or finds) one evaluation per (model, set, guider, params); appends each command to a log."""
+
+    def __init__(self, model: str, commands: Path | None = None):
+        self.model, self.commands = model, commands
+        self.root = HERE / "runs" / model
+
+    def dir(self, subset: str, group: str, params: dict) -> Path:
+        return self.root / subset / run_name(group, params)
+
+    def __call__(self, subset: str, group: str, params: dict | None = None) -> Path:
+        from hydra import compose, initialize_config_dir
+
+        from s2g.eval.run import evaluate
+
+        params = dict(params or {})
+        out = self.dir(subset, group, params)
+        overrides = overrides_for(self.model, subset, group, params)
+        command = " ".join(["python scripts/evaluate.py", *overrides, f"hydra.run.dir={out.relative_to(ROOT)}"])
+        if self.commands is not None:
+            self.commands.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.commands, "a") as f:
+                f.write(command + "\n")
+        if (out / "metrics.json").is_file():
+            return out
+        if out.exists():  # a run killed mid-way left files behind: evaluate() never overwrites, so clear them
+            for p in out.iterdir():
+                p.unlink()
+        t = time.time()
+        print(f"[{time.strftime('%H:%M:%S')}] {out.relative_to(HERE)}", flush=True)
+        with initialize_config_dir(str(ROOT / "configs"), version_base=None):
+            cfg = compose("evaluate", overrides=overrides)
+        evaluate(cfg, out, overrides=overrides, guidance_name=group)
+        print(f"    {time.time() - t:.0f} s", flush=True)
+        return out
+
+
+def metrics(run: Path) -> dict:
+    return json.loads((run / "metrics.json").read_text())
+
+
+def all_correct(run: Path) -> float:
+    return metrics(run)["adherence"]["overall"]["all"]["mean"]
+
+
+def frechet(run: Path) -> float:
+    return metrics(run)["fidelity"]["frechet"]["mean"]
+
+
+def grid(spec: dict) -> list[dict]:
+    import itertools
+
+    keys = list(spec)
+    return [dict(zip(keys, vals)) for vals in itertools.product(*(spec[k] for k in keys))] or [{}]
+
+
+# ------------------------------------------------------------------------------------------------ tables
+
+
+def paired(a: Path, b: Path) -> dict:
+    """A - B on shared (prompt, seed) items, cached next to A as paired_vs_<b's set>_<b>.json."""
+    from s2g.eval.run import load_run, paired as paired_runs
+
+    cache = a / f"paired_vs_{b.parent.name}_{b.name}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    res = paired_runs(load_run(a), load_run(b))
+    cache.write_text(json.dumps(res, indent=1))
+    return res
+
+
+def iv(d: dict, digits: int = 3, signed: bool = False) -> str:
+    f = f"{{:{'+' if signed else ''}.{digits}f}}"
+    if d.get("lo") is None:
+        return f.format(d["mean"])
+    return f"{f.format(d['mean'])} [{f.format(d['lo'])}, {f.format(d['hi'])}]"
+
+
+def row_cells(run: Path, base: Path | None) -> dict:
+    m = metrics(run)
+    o, fd = m["adherence"]["overall"], m["fidelity"]
+    cells = {"all": iv(o["all"]), "count": f"{o['count']['mean']:.3f}", "colour": f"{o['color']['mean']:.3f}",
+             "shape": f"{o['shape']['mean']:.3f}", "relation": f"{o['relation']['mean']:.3f}",
+             "FD": iv(fd["frechet"], 2), "P": f"{fd['precision']:.3f}", "R": f"{fd['recall']:.3f}",
+             "NFE": f"{m['cost']['nfe_per_image']:.0f}", "s/img": f"{m['cost']['seconds_per_image']:.2f}"}
+    if base is not None:
+        if run == base:
+            cells.update({"Δ all vs base": "—", "p": "—", "Δ FD vs base": "—"})
+        else:
+            p = paired(run, base)
+            cells.update({"Δ all vs base": iv(p["all"], signed=True), "p": f"{p['all']['p_value']:.3f}",
+                          "Δ FD vs base": iv(p["frechet"], 2, signed=True) if "frechet" in p else ""})
+    return cells
+
+
+def table(rows: list[tuple[str, Path]], base: Path | None, base_name: str = "CFG") -> str:
+    head = None
+    lines = []
+    for label, run in rows:
+        cells = row_cells(run, base)
+        if head is None:
+            head = ["", *[k.replace("base", base_name) for k in cells]]
+            lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines.append("| " + " | ".join([label, *cells.values()]) + " |")
+    return "\n".join(lines)
+
+
+def family_table(rows: list[tuple[str, Path]]) -> str:
+    fams = list(metrics(rows[0][1])["adherence"]["families"])
+    lines = ["| all correct by family | " + " | ".join(fams) + " |", "|" + "---|" * (len(fams) + 1)]
+    for label, run in rows:
+        f = metrics(run)["adherence"]["families"]
+        lines.append("| " + " | ".join([label, *[f"{f[k]['all']['mean']:.3f}" for k in fams]]) + " |")
+    return "\n".join(lines)
+
+
+def plot(points: list[tuple[str, Path]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for label, run in points:
+        m = metrics(run)
+        a, f = m["adherence"]["overall"]["all"], m["fidelity"]["frechet"]
+        ax.errorbar(f["mean"], a["mean"], yerr=[[a["mean"] - a["lo"]], [a["hi"] - a["mean"]]],
+                    xerr=[[f["mean"] - f["lo"]], [f["hi"] - f["mean"]]], fmt="o", capsize=2)
+        ax.annotate(label, (f["mean"], a["mean"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("Fréchet distance to real renders (lower is better)")
+    ax.set_ylabel("all correct (higher is better)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+def write(folder: Path, name: str, text: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(text)
+    print(text)
+
+
+def setting(params: dict) -> str:
+    return ", ".join(f"{k} {fmt(v)}" for k, v in params.items()) or "—"
+
+
+# ------------------------------------------------------------------------------------------------ items
+
+
+def tune(run: Runner, methods=None) -> dict:
+    """Every method's grid on VAL; the selected setting per method (highest all correct, ties → lower FD)."""
+    selected, lines = {}, ["| method | setting | val all correct | val FD |", "|---|---|---|---|"]
+    for name, (group, spec) in METHODS.items():
+        if methods and name not in methods:
+            continue
+        if name == "autoguidance" and run.model == "tiny_early":
+            continue  # no weak model matched to the early checkpoint's text encoder
+        scored = []
+        for params in grid(spec):
+            r = run("val", group, params)
+            scored.append((-round(all_correct(r), 6), frechet(r), params))
+            lines.append(f"| {name} | {setting(params)} | {all_correct(r):.3f} | {frechet(r):.2f} |")
+        selected[name] = min(scored, key=lambda s: (s[0], s[1]))[2]
+    return selected, "\n".join(lines)
+
+
+def best(run: Runner, folder: Path) -> None:
+    selected, tuning = tune(run)
+    (folder / "selected.json").parent.mkdir(parents=True, exist_ok=True)
+    (folder / "selected.json").write_text(json.dumps(selected, indent=1))
+    runs = [(f"{name} ({setting(p)})", run("test", METHODS[name][0], p)) for name, p in selected.items()]
+    base = run("test", "cfg", selected["cfg"])
+    text = [f"# Best against best ({run.model}): every method at its val-selected setting, on test",
+            "", f"Test: {' '.join(SETS['test'])} (600 images per method, 28 Euler steps). 95% bootstrap "
+            "intervals over prompts; Δ = paired difference to CFG at its selected scale (same prompts, same "
+            "noise), p = sign-flip test. Wall time per image: one thread, the shared 2-core machine.", "",
+            table(runs, base), "", family_table(runs), "", "## Tuning (val: " + " ".join(SETS["val"]) + ")", "",
+            tuning, ""]
+    write(folder, "table.md", "\n".join(text))
+    plot(runs, folder / "plot.png", f"{run.model}: each method at its val-selected setting (test, 600 images)")
+
+
+def s2_selected(model: str) -> dict:
+    path = HERE / "best" / model / "selected.json"
+    if not path.is_file():
+        sys.exit(f"error: {path} missing: run `claims.py best --model {model}` first (S²'s val-selected setting)")
+    return json.loads(path.read_text())
+
+
+def fixed(run: Runner, folder: Path) -> None:
+    """S² on top of CFG at the same λ: the paper's λ 7.5 / ω 0.25, and at CFG's val-selected λ."""
+    sel = s2_selected(run.model)
+    lam_cfg = sel["cfg"]["scale"]
+    rows, text = [], [f"# S² on top of CFG at the same λ ({run.model}, test)", ""]
+    for lam in dict.fromkeys([PAPER["scale"], lam_cfg]):
+        base = run("test", "cfg", {"scale": lam})
+        rows = [(f"CFG λ {fmt(lam)}", base)]
+        for omega in dict.fromkeys([PAPER["omega"], sel["s2"]["omega"], 1.0]):
+            rows.append((f"S² λ {fmt(lam)} ω {fmt(omega)}", run("test", "s2", {"scale": lam, "omega": omega})))
+        text += [f"## λ = {fmt(lam)}" + (" (the paper's)" if lam == PAPER["scale"] else " (CFG's val-selected)"),
+                 "", table(rows, base, f"CFG {fmt(lam)}"), ""]
+    write(folder, "table.md", "\n".join(text))
+
+
+def around_s2(run: Runner, folder: Path, title: str, variants: list[tuple[str, str, dict]], base_params=None):
+    """Ablation rows (label, group, guidance params) on ABLATION, against CFG at S²'s selected λ."""
+    sel = s2_selected(run.model)["s2"]
+    base = run("ablation", "cfg", {"scale": sel["scale"]} if base_params is None else base_params)
+    rows = [(f"CFG λ {fmt(sel['scale'])}", base)] + [(lab, run("ablation", g, p)) for lab, g, p in variants]
+    text = [f"# {title} ({run.model})", "", f"Ablation set: {' '.join(SETS['ablation'])} (300 images); S²'s "
+            f"val-selected setting: {setting(sel)}. Δ = paired difference to CFG at the same λ.", "",
+            table(rows, base, "CFG"), ""]
+    write(folder, "table.md", "\n".join(text))
+    plot(rows, folder / "plot.png", f"{title} ({run.model})")
+    return rows
+
+
+def blocks(run: Runner, folder: Path) -> None:
+    sel = s2_selected(run.model)["s2"]
+    depth = 10
+    around_s2(run, folder, "Table 4 analog: number of dropped blocks (0 = CFG)",
+              [(f"S² drop {k}/{depth}", "s2", dict(sel, drop_ratio=k / depth)) for k in (1, 2, 3, 4)])
+
+
+def sweeps(run: Runner, folder: Path) -> None:
+    sel = s2_selected(run.model)["s2"]
+    lam, omega = sel["scale"], sel["omega"]
+    rows = []
+    for s in (2, 4, 7.5, 12):
+        rows.append((f"CFG λ {fmt(s)}", run("ablation", "cfg", {"scale": s})))
+        rows.append((f"S² λ {fmt(s)}", run("ablation", "s2", {"scale": s, "omega": omega})))
+    text = [f"# Fig. 7a analog: λ sweep, S² (ω {fmt(omega)}) against CFG ({run.model})", "",
+            "Each S² row's Δ is against CFG at its own λ (the row above it).", ""]
+    lines = []
+    for (lc, c), (ls, s) in zip(rows[::2], rows[1::2]):
+        lines += [(lc, c, None), (ls, s, c)]
+    text += [_rows_table(lines), ""]
+    write(folder / "lambda", "table.md", "\n".join(text))
+    plot(rows, folder / "lambda" / "plot.png", f"λ sweep, CFG and S² ω {fmt(omega)} ({run.model})")
+    around_s2(run, folder / "omega", "Fig. 7b analog: ω sweep (ω 0 = CFG)",
+              [(f"S² ω {fmt(w)}", "s2", dict(sel, omega=w)) for w in (0.25, 0.5, 1, 2)])
+    around_s2(run, folder / "interval", "Fig. 7e analog: the σ interval of the S² term",
+              [(f"S² σ ∈ [{a}, {b}]", "s2", dict(sel, interval=[a, b]))
+               for a, b in ((0.4, 0.6), (0.3, 0.7), (0.1, 0.9), (0.0, 1.0), (0.0, 0.5), (0.5, 1.0))])
+
+
+def _rows_table(lines) -> str:
+    out, head = [], None
+    for label, run, base in lines:
+        cells = row_cells(run, base)
+        cells.setdefault("Δ all vs base", "—"), cells.setdefault("p", "—"), cells.setdefault("Δ FD vs base", "—")
+        if head is None:
+            head = ["", *[k.replace("vs base", "vs CFG same λ") for k in cells]]
+            out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        out.append("| " + " | ".join([label, *cells.values()]) + " |")
+    return "\n".join(out)
+
+
+def subnetworks(run: Runner, folder: Path) -> None:
+    sel = s2_selected(run.model)["s2"]
+    around_s2(run, folder, "Fig. 8 analog: N sub-networks per step (quality against cost)",
+              [(f"S² N {n}", "s2", dict(sel, num_subnetworks=n)) for n in (1, 2, 4, 8)])
+
+
+def form(run: Runner, folder: Path) -> None:
+    sel = s2_selected(run.model)["s2"]
+    around_s2(run, folder, "Appendix reading (−ω·mean D̂) against Algorithm 1 (−ω·mean(D̂ − D_c))",
+              [("S² Algorithm 1", "s2", dict(sel)), ("S² appendix", "s2", dict(sel, form="appendix"))])
+
+
+def kappa(run: Runner, params: dict) -> float:
+    """κ = Σ⟨D̂ − D_c, D_c − D_u⟩ / Σ‖D_c − D_u‖² of S² at `params`, measured on VAL (never on test)."""
+    import torch
+    from hydra import compose, initialize_config_dir
+
+    from s2g.eval.harness import generate, work_items
+    from s2g.eval.prompts import prompt_set
+    from s2g.guidance.controls import KappaProbe
+    from s2g.runinfo import build_model
+
+    torch.set_num_threads(1)
+    with initialize_config_dir(str(ROOT / "configs"), version_base=None):
+        cfg = compose("evaluate", overrides=[f"model={run.model}"])
+    pipe, _ = build_model(cfg.model)
+    probes = []
+
+    def make(seed):
+        probes.append(KappaProbe(**{k: v for k, v in params.items()}, seed=seed,
+                                 interval=params.get("interval", (0.1, 0.9))))
+        return probes[-1]
+
+    generate(pipe, make, work_items(prompt_set("val", 64), [0]), batch_size=32, steps=int(cfg.steps),
+             shift=float(cfg.shift), sampler=cfg.sampler.name, progress=False)
+    num, den = sum(p._num for p in probes), sum(p._den for p in probes)
+    return num / den
+
+
+def controls(run: Runner, folder: Path) -> None:
+    sel = s2_selected(run.model)["s2"]
+    lam, omega = sel["scale"], sel["omega"]
+    cache = folder / "kappa.json"
+    if cache.is_file():
+        k = json.loads(cache.read_text())["kappa"]
+    else:
+        k = kappa(run, sel)
+        folder.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps({"kappa": k, "setting": sel, "measured_on": "val, 64 prompts, seed 0"}))
+    lam_eff = lam - omega * k
+    fixed_block = 5  # a middle block of 10 (block 0 is protected in S²)
+    variants = [
+        ("S²", "s2", dict(sel)),
+        ("placebo: noise of the norm of D̂ − D_c", "s2", dict(sel, _target_="s2g.guidance.controls.PlaceboS2")),
+        (f"CFG at matched λ_eff {lam_eff:.3f} in S²'s interval", "cfg",
+         {"_target_": "s2g.guidance.controls.IntervalCFG", "+inner_scale": round(lam_eff, 4), "scale": lam,
+          "interval": [0.1, 0.9]}),
+        (f"one fixed dropped block ({fixed_block}) = SLG rule", "slg",
+         {"scale": lam, "skip_scale": omega, "layers": [fixed_block], "start": 0.0, "stop": 1.0,
+          "interval": [0.1, 0.9]}),
+        (f"ω < 0 (−{fmt(omega)})", "s2", dict(sel, omega=-omega, allow_negative_omega=True)),
+    ]
+    around_s2(run, folder, f"Controls around S² (κ = {k:.4f} on val, λ_eff = λ − ωκ = {lam_eff:.3f})", variants)
+
+
+ITEMS = {"best": best, "fixed": fixed, "blocks": blocks, "sweeps": sweeps, "subnetworks": subnetworks,
+         "form": form, "controls": controls}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("item", choices=list(ITEMS))
+    ap.add_argument("--model", default="tiny", choices=["tiny", "tiny_early"])
+    ap.add_argument("--only", nargs="*", help="best: tune only these methods (no test, no table)")
+    args = ap.parse_args()
+    folder = HERE / args.item / args.model
+    commands = folder / "commands.sh"
+    if commands.exists():
+        commands.unlink()  # rewritten as the item runs: the exact commands of this item's runs
+    run = Runner(args.model, commands)
+    t = time.time()
+    if args.only:
+        tune(run, args.only)
+    else:
+        ITEMS[args.item](run, folder)
+    print(f"{args.item} ({args.model}): {(time.time() - t) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
