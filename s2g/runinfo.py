@@ -8,7 +8,7 @@ from omegaconf import DictConfig, OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = Path(__file__).resolve().parent / "assets"
-SCRIPT_KEYS = ("default_prompts", "grid")  # model-config keys that only the scripts read
+SCRIPT_KEYS = ("default_prompts", "grid", "guidance_defaults")  # model-config keys that only the scripts read
 
 
 def git_revision() -> str:
@@ -42,6 +42,18 @@ def build_model(model_cfg: DictConfig):
             if denoiser is not None:
                 compile_regions(denoiser)
     return model, extras
+
+
+def apply_guidance_defaults(model_cfg: DictConfig, name: str, guidance_cfg: DictConfig, overrides) -> dict:
+    """The model config's own settings for guider `name` (`guidance_defaults: {name: {key: value}}`, e.g. the
+    embedded model's val-selected scale) written into `guidance_cfg`, except the keys the command line sets
+    (`guidance.<key>=...` in `overrides`). Returns {key: value} of what was applied."""
+    given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    defaults = (model_cfg.get("guidance_defaults") or {}).get(name) or {}
+    applied = {k: v for k, v in defaults.items() if f"guidance.{k}" not in given}
+    for k, v in applied.items():
+        OmegaConf.update(guidance_cfg, k, v, force_add=True)
+    return OmegaConf.to_container(OmegaConf.create(applied)) if applied else {}
 
 
 def compile_regions(denoiser) -> None:

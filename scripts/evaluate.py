@@ -63,8 +63,15 @@ def main(cfg: DictConfig) -> None:
         elif cfg.pair is not None:
             evaluation.pair(cfg.pair, cfg.bootstrap)
         else:
-            evaluation.evaluate(cfg, run_dir, overrides=list(HydraConfig.get().overrides.task),
-                                guidance_name=HydraConfig.get().runtime.choices.get("guidance", "guidance"))
+            from s2g.runinfo import apply_guidance_defaults
+
+            overrides = list(HydraConfig.get().overrides.task)
+            name = HydraConfig.get().runtime.choices.get("guidance", "guidance")
+            applied = apply_guidance_defaults(cfg.model, name, cfg.guidance, overrides)
+            if applied:  # recorded in run.json's command, so that the command alone reproduces the run
+                print(f"{name}: the model config's guidance_defaults {applied} (override with guidance.<key>=...)")
+                overrides += [f"guidance.{k}={v}" for k, v in applied.items()]
+            evaluation.evaluate(cfg, run_dir, overrides=overrides, guidance_name=name)
             return
         _remove_if_empty(run_dir)  # gather / pair write next to their inputs, not into a fresh run dir
     except (*user_errors, InstantiationException) as e:

@@ -32,10 +32,14 @@ from omegaconf import DictConfig, OmegaConf
 def guider_configs(cfg: DictConfig) -> dict[str, DictConfig]:
     """{column name: guidance config}: the selected guider, or one per `compare` entry (composed like the main
     config, with the command line's guidance.* overrides applied where the guider has that key)."""
+    from s2g.runinfo import apply_guidance_defaults
+
+    overrides = [o for o in HydraConfig.get().overrides.task if o.lstrip("+~").startswith("guidance.")]
     if not cfg.compare:
-        return {HydraConfig.get().runtime.choices.get("guidance", "guidance"): cfg.guidance}
+        name = HydraConfig.get().runtime.choices.get("guidance", "guidance")
+        _report(name, apply_guidance_defaults(cfg.model, name, cfg.guidance, overrides))
+        return {name: cfg.guidance}
     names = [cfg.compare] if isinstance(cfg.compare, str) else list(cfg.compare)
-    overrides = [o for o in HydraConfig.get().overrides.task if o.startswith("guidance.")]
     out = {}
     for name in names:
         try:
@@ -47,8 +51,14 @@ def guider_configs(cfg: DictConfig) -> dict[str, DictConfig]:
             key, value = o[len("guidance."):].split("=", 1)
             if OmegaConf.select(g, key) is not None or key in g:
                 OmegaConf.update(g, key, _parse(value))
+        _report(name, apply_guidance_defaults(cfg.model, name, g, overrides))
         out[name] = g
     return out
+
+
+def _report(name: str, applied: dict) -> None:
+    if applied:
+        print(f"{name}: the model config's guidance_defaults {applied} (override with guidance.<key>=...)")
 
 
 def _parse(value: str):

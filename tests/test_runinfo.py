@@ -41,3 +41,14 @@ def test_named_embedded_checkpoint_resolves_to_assets():
 
     with pytest.raises((FileNotFoundError, InstantiationException), match="no_such_asset.safetensors"):
         build_model(cfg.model)
+
+
+def test_guidance_defaults_of_the_model_apply_unless_the_command_line_sets_the_key():
+    from s2g.runinfo import apply_guidance_defaults
+
+    model = OmegaConf.create({"guidance_defaults": {"s2": {"scale": 4.0, "omega": 1.0}}})
+    g = OmegaConf.create({"scale": 7.5, "omega": 0.25, "drop_ratio": 0.1})
+    assert apply_guidance_defaults(model, "s2", g, ["guidance.omega=0.5", "seed=3"]) == {"scale": 4.0}
+    assert g.scale == 4.0 and g.omega == 0.25 and g.drop_ratio == 0.1  # omega is the command line's (set later)
+    assert apply_guidance_defaults(model, "cfg", g, []) == {}  # no defaults for that guider: untouched
+    assert apply_guidance_defaults(OmegaConf.create({}), "s2", g, []) == {}  # SD3 configs have none

@@ -8,6 +8,7 @@
     python experiments/claims/claims.py subnetworks             # Fig. 8: N = 1, 2, 4, 8, quality against cost
     python experiments/claims/claims.py form                    # appendix reading against Algorithm 1
     python experiments/claims/claims.py controls                # placebo, matched-λ CFG, fixed block, ω < 0
+    python experiments/claims/claims.py cost                    # Table 5: NFE, work, time, peak memory
 
 Every image comes from scripts/evaluate.py's own code (`s2g.eval.run.evaluate`, called in-process so that a
 sweep pays Python's start-up once); each run dir holds the exact equivalent command line in run.json, and each
@@ -91,6 +92,11 @@ class Runner:
     def __init__(self, model: str, commands: Path | None = None):
         self.model, self.commands = model, commands
         self.root = HERE / "runs" / model
+        self.used: dict[Path, None] = {}  # the runs this item asked for, in order
+
+    def sampling_minutes(self) -> float:
+        """The recorded sampling time of every run used (what regenerating them costs, one thread each)."""
+        return sum(metrics(r)["cost"]["seconds_per_image"] * metrics(r)["n_images"] for r in self.used) / 60
 
     def dir(self, subset: str, group: str, params: dict) -> Path:
         return self.root / subset / run_name(group, params)
@@ -99,9 +105,11 @@ class Runner:
         from hydra import compose, initialize_config_dir
 
         from s2g.eval.run import evaluate
+        from s2g.runinfo import apply_guidance_defaults
 
         params = dict(params or {})
         out = self.dir(subset, group, params)
+        self.used[out] = None
         overrides = overrides_for(self.model, subset, group, params)
         command = " ".join(["python scripts/evaluate.py", *overrides, f"hydra.run.dir={out.relative_to(ROOT)}"])
         if self.commands is not None:
@@ -117,6 +125,8 @@ class Runner:
         print(f"[{time.strftime('%H:%M:%S')}] {out.relative_to(HERE)}", flush=True)
         with initialize_config_dir(str(ROOT / "configs"), version_base=None):
             cfg = compose("evaluate", overrides=overrides)
+        applied = apply_guidance_defaults(cfg.model, group, cfg.guidance, overrides)  # as scripts/evaluate.py
+        overrides += [f"guidance.{k}={fmt(v)}" for k, v in applied.items()]
         evaluate(cfg, out, overrides=overrides, guidance_name=group)
         print(f"    {time.time() - t:.0f} s", flush=True)
         return out
@@ -346,9 +356,28 @@ def _rows_table(lines) -> str:
 
 
 def subnetworks(run: Runner, folder: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     sel = s2_selected(run.model)["s2"]
-    around_s2(run, folder, "Fig. 8 analog: N sub-networks per step (quality against cost)",
-              [(f"S² N {n}", "s2", dict(sel, num_subnetworks=n)) for n in (1, 2, 4, 8)])
+    rows = around_s2(run, folder, "Fig. 8 analog: N sub-networks per step (quality against cost)",
+                     [(f"S² N {n}", "s2", dict(sel, num_subnetworks=n)) for n in (1, 2, 4, 8)])
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for label, r in rows:
+        m = metrics(r)
+        a = m["adherence"]["overall"]["all"]
+        ax.errorbar(m["cost"]["nfe_per_image"], a["mean"], yerr=[[a["mean"] - a["lo"]], [a["hi"] - a["mean"]]],
+                    fmt="o", capsize=2)
+        ax.annotate(label, (m["cost"]["nfe_per_image"], a["mean"]), fontsize=7, xytext=(3, 3),
+                    textcoords="offset points")
+    ax.set_xlabel("NFE per image (28 steps)")
+    ax.set_ylabel("all correct")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(folder / "cost.png", dpi=150)
+    plt.close(fig)
 
 
 def form(run: Runner, folder: Path) -> None:
@@ -410,8 +439,109 @@ def controls(run: Runner, folder: Path) -> None:
     around_s2(run, folder, f"Controls around S² (κ = {k:.4f} on val, λ_eff = λ − ωκ = {lam_eff:.3f})", variants)
 
 
+def _guider(model: str, group: str, params: dict, seed: int = 0):
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    with initialize_config_dir(str(ROOT / "configs"), version_base=None):
+        cfg = compose("evaluate", overrides=overrides_for(model, "val", group, params) + [f"seed={seed}"])
+    return cfg, instantiate(cfg.guidance)
+
+
+def _one_run(pipe, guider, cfg, cond, uncond, noise) -> dict:
+    """One sampling run of a batch: wall time, NFE and block-row work per image (the guided denoiser's counters)."""
+    import torch
+
+    from s2g.sampling import SAMPLERS, GuidedDenoiser, sd3_sigmas
+
+    if getattr(guider, "weak", "absent") is None:
+        guider.weak = pipe.weak
+    guider.reset(pipe.denoiser.num_blocks)
+    guided = GuidedDenoiser(pipe.denoiser, guider, cond, uncond)
+    t = time.perf_counter()
+    with torch.inference_mode():
+        SAMPLERS[cfg.sampler.name](guided, noise, sd3_sigmas(int(cfg.steps), float(cfg.shift)), progress=False)
+    B = noise.shape[0]
+    return {"seconds_per_image": (time.perf_counter() - t) / B, "nfe": guided.nfe,
+            "block_rows": guided.block_rows / B, "weak_block_rows": guided.other_block_rows / B}
+
+
+def cost_worker(model: str, name: str, params: dict) -> None:
+    """Fresh process: one 32-image run of one method; prints its peak RSS (the high-water mark is reset after
+    the model is built: Linux clear_refs 5, as scripts/benchmark.py does)."""
+    import torch
+
+    from s2g.eval.prompts import prompt_set
+    from s2g.runinfo import build_model
+
+    torch.set_num_threads(1)
+    cfg, guider = _guider(model, METHODS[name][0], params)
+    pipe, _ = build_model(cfg.model)
+    cond, uncond = pipe.conditioning(prompt_set("val", 32))
+    noise = pipe.noise(32, 0)
+
+    def status(key):  # kB -> MB
+        return int(next(line for line in open("/proc/self/status") if line.startswith(key)).split()[1]) / 1024
+
+    before = status("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    _one_run(pipe, guider, cfg, cond, uncond, noise)
+    print(json.dumps({"peak_rss_mb": status("VmHWM"), "rss_before_sampling_mb": before}))
+
+
+def cost(run: Runner, folder: Path, repeats: int = 3) -> None:
+    """Table 5 analog: per method at its val-selected setting, one batch of 32 val prompts, 28 Euler steps, one
+    thread: NFE, block-row work, wall time (median of `repeats`, methods interleaved so load drift hits all)
+    and peak RSS of a fresh process."""
+    import subprocess
+
+    import torch
+
+    from s2g.eval.prompts import prompt_set
+    from s2g.runinfo import build_model
+
+    torch.set_num_threads(1)
+    sel = s2_selected(run.model)
+    sel["naive_s2 N 8"] = dict(sel["s2"], num_subnetworks=8)
+    names = list(sel)
+    cfg, _ = _guider(run.model, "cfg", {})
+    pipe, _ = build_model(cfg.model)
+    cond, uncond = pipe.conditioning(prompt_set("val", 32))
+    noise = pipe.noise(32, 0)
+    group = lambda n: METHODS[n.split()[0]][0]  # noqa: E731
+    res = {n: [] for n in names}
+    for r in range(repeats):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            cfg_n, guider = _guider(run.model, group(n), sel[n])
+            res[n].append(_one_run(pipe, guider, cfg_n, cond, uncond, noise))
+    rows = {}
+    for n in names:
+        out = subprocess.run([sys.executable, __file__, "cost", "--model", run.model, "--worker", n,
+                              "--params", json.dumps(sel[n])], capture_output=True, text=True, check=True).stdout
+        mem = json.loads(out.strip().splitlines()[-1])
+        rows[n] = {"setting": sel[n], "nfe": res[n][0]["nfe"], "block_rows": res[n][0]["block_rows"],
+                   "weak_block_rows": res[n][0]["weak_block_rows"],
+                   "seconds_per_image": float(np.median([x["seconds_per_image"] for x in res[n]])), **mem}
+    c = rows["cfg"]
+    lines = [f"# Table 5 analog: cost per method ({run.model}, one batch of 32, 28 Euler steps, 1 thread)", "",
+             "Work = block evaluations per image of the main network (the weak network's are listed apart: "
+             "Autoguidance's weak model is 2/3 as wide); time = median of 3 interleaved runs; peak RSS of a "
+             "fresh process during sampling (model weights included).", "",
+             "| method | setting | NFE | work (×CFG) | weak work | s/image (×CFG) | peak RSS MB (×CFG) |",
+             "|---|---|---|---|---|---|---|"]
+    for n, r in rows.items():
+        lines.append(f"| {n} | {setting(r['setting'])} | {r['nfe']} | {r['block_rows']:.0f} "
+                     f"(×{r['block_rows'] / c['block_rows']:.3f}) | {r['weak_block_rows']:.0f} | "
+                     f"{r['seconds_per_image']:.3f} (×{r['seconds_per_image'] / c['seconds_per_image']:.2f}) | "
+                     f"{r['peak_rss_mb']:.0f} (×{r['peak_rss_mb'] / c['peak_rss_mb']:.3f}) |")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "cost.json").write_text(json.dumps(rows, indent=1))
+    write(folder, "table.md", "\n".join(lines) + "\n")
+
+
 ITEMS = {"best": best, "fixed": fixed, "blocks": blocks, "sweeps": sweeps, "subnetworks": subnetworks,
-         "form": form, "controls": controls}
+         "form": form, "controls": controls, "cost": cost}
 
 
 def main() -> None:
@@ -419,7 +549,11 @@ def main() -> None:
     ap.add_argument("item", choices=list(ITEMS))
     ap.add_argument("--model", default="tiny", choices=["tiny", "tiny_early"])
     ap.add_argument("--only", nargs="*", help="best: tune only these methods (no test, no table)")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)  # cost: one method's peak memory, in a fresh process
+    ap.add_argument("--params", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.worker:
+        return cost_worker(args.model, args.worker.split()[0], json.loads(args.params))
     folder = HERE / args.item / args.model
     commands = folder / "commands.sh"
     if commands.exists():
@@ -430,6 +564,12 @@ def main() -> None:
         tune(run, args.only)
     else:
         ITEMS[args.item](run, folder)
+        if run.used:
+            with open(folder / "table.md", "a") as f:
+                f.write(f"\nRegenerate: `python experiments/claims/claims.py {args.item} --model {args.model}` "
+                        f"(the exact commands: commands.sh). Its {len(run.used)} runs sample for "
+                        f"{run.sampling_minutes():.0f} min on one thread here (their recorded sampling time, the "
+                        "shared 2-core machine); finished runs are reused, so an item run after others takes less.\n")
     print(f"{args.item} ({args.model}): {(time.time() - t) / 60:.1f} min")
 
 
