@@ -1,7 +1,8 @@
 """Evaluator vs eyes on generated images, and which evaluator layer a Fréchet distance can see.
 
     python experiments/eval/eyecheck.py OUT_DIR                 # ~8 min on one thread: 1200 images, grids, FD
-    python experiments/eval/eyecheck.py OUT_DIR --run RUN_DIR   # 20 saved images of a finished evaluate.py run
+    python experiments/eval/eyecheck.py OUT_DIR --run RUN_DIR   # 20 images of a finished evaluate.py run
+    python experiments/eval/eyecheck.py OUT_DIR --run RUN_DIR --failures   # its first 20 scored wrong
 
 Generates the first 200 validation prompts x seeds 0, 1 with the shipped embedded model under no guidance,
 CFG 4 and CFG 7.5 (28 Euler steps, the harness's per-(prompt, seed) noise), then writes
@@ -42,7 +43,7 @@ def grids(name, images, items, evaluator, out: Path, rows_out: list, step: int =
     for page in range(pages):
         canvas = Image.new("RGB", (5 * TILE, 4 * (TILE + 52)), (255, 255, 255))
         draw = ImageDraw.Draw(canvas)
-        for k in range(20):
+        for k in range(min(20, len(sel) - page * 20)):
             j = page * 20 + k
             i = sel[j]
             img = (images[i].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
@@ -63,17 +64,40 @@ def grids(name, images, items, evaluator, out: Path, rows_out: list, step: int =
         canvas.save(out / f"grid_{name}_{page}.png")
 
 
-def from_run(run: Path, out: Path) -> None:
-    """Grid of every 40th image that `evaluate.py save_images=true` saved, read again by the evaluator."""
+def from_run(run: Path, out: Path, failures: bool = False) -> None:
+    """Grid of 20 images of a finished evaluate.py run, read again by the evaluator: 20 evenly spaced, or with
+    `failures` the first 20 that the run scored wrong (all correct = 0). Images come from images/ when the run
+    saved them, else they are sampled again from the run's config.yaml (an image depends only on its prompt and
+    seed, so these are the run's own images)."""
     out.mkdir(parents=True, exist_ok=False)
     with open(run / "per_image.csv", newline="") as f:
-        picked = list(csv.DictReader(f))[::40][:20]
+        rows_in = list(csv.DictReader(f))
+    picked = [r for r in rows_in if float(r["all"]) == 0][:20] if failures else \
+        rows_in[::max(1, len(rows_in) // 20)][:20]
     items = [Item(int(r["index"]), int(r["seed"]), int(r["prompt_index"]), r["prompt"]) for r in picked]
-    images = torch.stack([torch.from_numpy(np.array(Image.open(
-        run / "images" / f"seed{it.seed}_{it.prompt_index:05d}.png").convert("RGB"))).permute(2, 0, 1).float() / 255
-        for it in items])
+    if (run / "images").is_dir():
+        images = torch.stack([torch.from_numpy(np.array(Image.open(
+            run / "images" / f"seed{it.seed}_{it.prompt_index:05d}.png").convert("RGB"))).permute(2, 0, 1).float()
+            / 255 for it in items])
+    else:
+        import hydra
+        from omegaconf import OmegaConf
+
+        from s2g.runinfo import build_model
+        cfg = OmegaConf.load(run / "config.yaml")
+        torch.set_num_threads(1)
+        pipe, _ = build_model(cfg.model)
+
+        def make(seed):
+            g = OmegaConf.to_container(cfg.guidance)
+            if "seed" in g:
+                g["seed"] = seed
+            return hydra.utils.instantiate(g)
+        images = generate(pipe, make, items, batch_size=int(cfg.batch_size), steps=int(cfg.steps),
+                          shift=float(cfg.shift), sampler=cfg.sampler.name, progress=False)[0]
     rows: list[dict] = []
-    grids(run.name, images, items, SceneEvaluator.load(), out, rows, step=1, pages=1)
+    grids(run.name + ("_failures" if failures else ""), images, items, SceneEvaluator.load(), out, rows, step=1,
+          pages=1)
     with open(out / "readings.csv", "w", newline="") as f:
         w = csv.DictWriter(f, list(rows[0]))
         w.writeheader()
@@ -107,9 +131,9 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[2] == "--run":
-        from_run(Path(sys.argv[3]), Path(sys.argv[1]))
+    if len(sys.argv) in (4, 5) and sys.argv[2] == "--run" and sys.argv[4:] in ([], ["--failures"]):
+        from_run(Path(sys.argv[3]), Path(sys.argv[1]), failures=len(sys.argv) == 5)
     elif len(sys.argv) == 2:
         main(Path(sys.argv[1]))
     else:
-        sys.exit("usage: python experiments/eval/eyecheck.py OUT_DIR [--run RUN_DIR]")
+        sys.exit("usage: python experiments/eval/eyecheck.py OUT_DIR [--run RUN_DIR [--failures]]")
