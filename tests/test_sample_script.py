@@ -64,3 +64,20 @@ def test_bad_input_fails_with_one_line(tmp_path, args, message):
     if "dog" in message:
         assert "knows: a and left right of above below red green blue yellow purple white circle" in lines[0]
     assert not (out / "samples.png").exists()
+
+
+def test_model_guidance_defaults_apply_unless_the_command_line_sets_them(tmp_path):
+    """configs/model/tiny.yaml carries the model's own val-selected settings (guidance_defaults); the command line
+    wins, and the guidance config's own values (the paper's SD3 λ 7.5) stay for keys the model does not name."""
+    from omegaconf import OmegaConf
+
+    scale = OmegaConf.load(ROOT / "configs" / "model" / "tiny.yaml").guidance_defaults.cfg.scale
+    common = ["guidance=cfg", "steps=2", "samples_per_prompt=1", "prompt=a red circle"]
+    p, out = run(tmp_path, "dflt", *common)
+    assert p.returncode == 0, p.stderr
+    guider = json.loads((out / "run.json").read_text())["guiders"]["cfg"]
+    assert "model config's guidance_defaults" in p.stdout and f"scale={scale}" in guider
+    p, out = run(tmp_path, "cli", *common, "guidance.scale=2.5")
+    assert p.returncode == 0, p.stderr
+    guider = json.loads((out / "run.json").read_text())["guiders"]["cfg"]
+    assert "model config's guidance_defaults" not in p.stdout and "scale=2.5" in guider
