@@ -1,0 +1,6 @@
+python scripts/evaluate.py model=tiny prompts=test num_prompts=200 seeds=[0,1,2] guidance=cfg progress=false guidance.scale=7.5 hydra.run.dir=experiments/claims/runs/tiny/test/cfg_scale=7.5
+python scripts/evaluate.py model=tiny prompts=test num_prompts=200 seeds=[0,1,2] guidance=s2 progress=false guidance.scale=7.5 guidance.omega=0.25 hydra.run.dir=experiments/claims/runs/tiny/test/s2_scale=7.5_omega=0.25
+python scripts/evaluate.py model=tiny prompts=test num_prompts=200 seeds=[0,1,2] guidance=s2 progress=false guidance.scale=7.5 guidance.omega=1 hydra.run.dir=experiments/claims/runs/tiny/test/s2_scale=7.5_omega=1
+python scripts/evaluate.py model=tiny prompts=test num_prompts=200 seeds=[0,1,2] guidance=cfg progress=false guidance.scale=6 hydra.run.dir=experiments/claims/runs/tiny/test/cfg_scale=6
+python scripts/evaluate.py model=tiny prompts=test num_prompts=200 seeds=[0,1,2] guidance=s2 progress=false guidance.scale=6 guidance.omega=0.25 hydra.run.dir=experiments/claims/runs/tiny/test/s2_scale=6_omega=0.25
+python scripts/evaluate.py model=tiny prompts=test num_prompts=200 seeds=[0,1,2] guidance=s2 progress=false guidance.scale=6 guidance.omega=1 hydra.run.dir=experiments/claims/runs/tiny/test/s2_scale=6_omega=1
