@@ -218,7 +218,12 @@ def test_evaluate_end_to_end_torchrun_equals_one_process(tmp_path):
     o = m["adherence"]["overall"]
     assert all(0 <= o[k]["lo"] <= o[k]["mean"] <= o[k]["hi"] <= 1 for k in ("count", "color", "shape", "all"))
     assert m["fidelity"]["feature_dim"] == 128 and m["fidelity"]["n_generated"] == 12
-    assert set(m["fidelity"]["precision_recall_per_seed"]) == {"0", "1"}  # P/R spread: per seed, not bootstrap
+    assert set(m["fidelity"]["precision_recall_per_seed"]) == {"0", "1"}
+    for key in ("precision", "recall"):  # the delete-half jackknife interval around the full-sample value
+        iv = m["fidelity"][f"{key}_interval"]
+        assert iv["mean"] == m["fidelity"][key] and iv["lo"] <= iv["mean"] <= iv["hi"] and iv["n_clusters"] == 6
+    from s2g.eval.run import load_run, rescore_fidelity
+    assert rescore_fidelity(load_run(tmp_path / "one")) == m["fidelity"]  # saved features reproduce the metrics
     assert m["cost"]["nfe_per_image"] > 3 * 2 and m["cost"]["seconds_per_image"] > 0
     for f in ("per_image.csv", "samples.png", "features.safetensors", "config.yaml", "run.json"):
         assert (tmp_path / "one" / f).exists()
@@ -251,6 +256,7 @@ def test_evaluate_end_to_end_torchrun_equals_one_process(tmp_path):
     res = json.loads((tmp_path / "s2_0" / "paired_vs_cfg.json").read_text())
     assert res["n_pairs"] == 12 and res["all"]["mean"] == res["all"]["lo"] == res["all"]["hi"] == 0.0
     assert abs(res["frechet"]["mean"]) < 1e-9 and abs(res["frechet"]["lo"]) < 1e-9  # same images, same FD
+    assert all(res[k][e] == 0.0 for k in ("precision", "recall") for e in ("mean", "lo", "hi"))
 
 
 @pytest.mark.parametrize("args, message", [

@@ -1,11 +1,12 @@
-"""Known answers for s2g.eval.stats: Fréchet distance, k-NN precision/recall, cluster-bootstrap intervals."""
+"""Known answers for s2g.eval.stats: Fréchet distance, k-NN precision/recall, cluster-bootstrap and delete-half
+jackknife intervals."""
 import numpy as np
 import pytest
 import scipy.linalg
 import torch
 
 from s2g.eval.stats import (Interval, bootstrap_mean, bootstrap_statistic, frechet_distance, frechet_from_stats,
-                            gaussian_stats, knn_radii, paired_difference, precision_recall)
+                            gaussian_stats, half_sample_interval, knn_radii, paired_difference, precision_recall)
 
 
 # --- Fréchet distance -------------------------------------------------------------------------------------------
@@ -227,3 +228,59 @@ def test_bootstrap_rejects_bad_input():
         bootstrap_mean(np.ones(4), level=95)
     with pytest.raises(ValueError, match="2 clusters"):
         bootstrap_mean(np.ones(4), clusters=[0, 0, 0, 0])
+
+
+# --- delete-half jackknife --------------------------------------------------------------------------------------
+
+def test_half_sample_interval_of_a_mean_is_the_standard_error():
+    rng = np.random.default_rng(15)
+    values = rng.standard_normal(400)
+    iv = half_sample_interval(np.mean, values, clusters=None, n_halves=400)
+    assert iv.mean == pytest.approx(values.mean())
+    assert iv.se == pytest.approx(values.std(ddof=1) / 20, rel=0.15)  # r/d · var(half means) = s²/n for a mean
+    assert (iv.hi - iv.mean) == pytest.approx(1.959964 * iv.se) and (iv.mean - iv.lo) == pytest.approx(1.959964 * iv.se)
+    assert iv.as_dict()["se"] == iv.se and iv.n_clusters == 400
+    assert half_sample_interval(np.mean, torch.from_numpy(values), clusters=None, n_halves=400) == iv  # seeded
+
+
+def test_half_sample_interval_keeps_clusters_whole_and_arrays_aligned():
+    prompts = np.repeat(np.arange(10), 3)
+    a, b = np.arange(30.0), np.arange(30.0) * 2
+
+    def check(x, y):
+        present = set(prompts[x.astype(int)].tolist())
+        assert all((prompts[x.astype(int)] == c).sum() == 3 for c in present)  # a prompt is kept whole or dropped
+        np.testing.assert_array_equal(y, 2 * x)  # both arrays lose the same rows
+        return len(present), float(x.mean())
+
+    count, mean = half_sample_interval(check, a, b, clusters=prompts, n_halves=20)
+    assert count.mean == 10 and count.se == 0.0 and count.lo == count.hi == 10  # every half keeps 5 of 10 prompts
+    assert mean.mean == pytest.approx(14.5) and mean.lo < 14.5 < mean.hi
+
+
+def test_half_sample_interval_matches_the_spread_of_precision_and_recall():
+    """The reason it exists: k-NN precision/recall over prompt-correlated rows. Its se against the spread of the
+    statistic over 40 independent draws (when written: 1.37 for P, 0.94 for R; the delete-one jackknife gave
+    1.5-1.7×, too wide, and a bootstrap of the indicators with the manifolds held fixed 0.75×, too narrow)."""
+    rng = np.random.default_rng(16)
+    prompts = np.repeat(np.arange(100), 2)
+    values, ses = [], []
+    for _ in range(40):
+        centre = rng.standard_normal((100, 1, 4))  # a prompt's images share its centre
+        real = (centre + 0.5 * rng.standard_normal((100, 2, 4))).reshape(200, 4)
+        fake = (0.8 * centre + 0.2 + 0.6 * rng.standard_normal((100, 2, 4))).reshape(200, 4)
+        p, r = half_sample_interval(lambda f, g: precision_recall(g, f), fake, real, clusters=prompts, n_halves=40,
+                                    seed=len(values))
+        values.append((p.mean, r.mean))
+        ses.append((p.se, r.se))
+    ratio = np.mean(ses, axis=0) / np.std(values, axis=0, ddof=1)
+    assert np.all((0.8 < ratio) & (ratio < 1.5)), ratio
+
+
+def test_half_sample_interval_rejects_bad_input():
+    with pytest.raises(ValueError, match="4 clusters"):
+        half_sample_interval(np.mean, np.ones(6), clusters=[0, 0, 1, 1, 2, 2])
+    with pytest.raises(ValueError, match="first dimension"):
+        half_sample_interval(lambda x, y: 0.0, np.ones(6), np.ones(5), clusters=None)
+    with pytest.raises(ValueError, match="level"):
+        half_sample_interval(np.mean, np.ones(6), clusters=None, level=95)

@@ -165,12 +165,14 @@ def adherence_summary(rows: list[dict], n_boot: int = 2000, level: float = 0.95,
 
 
 def fidelity_summary(gen: np.ndarray, ref: np.ndarray, ref2: np.ndarray, clusters: np.ndarray, k: int = 3,
-                     n_boot: int = 200, level: float = 0.95, seed: int = 0, seeds: np.ndarray | None = None) -> dict:
+                     n_boot: int = 200, level: float = 0.95, seed: int = 0, seeds: np.ndarray | None = None,
+                     n_halves: int = 100) -> dict:
     """Fréchet distance between generated and real-render features (same prompts), its bootstrap interval over
     prompts, its sampling floor (the same distance between two independent render sets of the same prompts),
     and precision / recall (k-NN manifolds, k = 3). Precision and recall cannot be bootstrapped (a resample's
-    duplicated rows shrink the k-NN radii), so their spread is given per noise seed instead (`seeds`: each
-    image's seed), each on that seed's images and renders."""
+    duplicated rows shrink the k-NN radii): their intervals come from the delete-half jackknife over prompts
+    (`stats.half_sample_interval`, `n_halves` replicates; a prompt's images and renders leave together). Their
+    spread per noise seed (`seeds`: each image's seed) is kept too, each on that seed's images and renders."""
     fd = stats.frechet_distance(gen, ref)
     if len(set(clusters.tolist())) < 2:
         raise ValueError("the Fréchet interval needs at least 2 prompts")
@@ -181,6 +183,10 @@ def fidelity_summary(gen: np.ndarray, ref: np.ndarray, ref2: np.ndarray, cluster
     out = {"frechet": interval, "frechet_floor": stats.frechet_distance(ref2, ref), "precision": float(precision),
            "recall": float(recall), "feature_dim": int(gen.shape[1]), "n_generated": int(len(gen)),
            "n_reference": int(len(ref)), "k": k}
+    if len(set(clusters.tolist())) >= 4:
+        p, r = stats.half_sample_interval(lambda g, f: stats.precision_recall(f, g, k=k), gen, ref,
+                                          clusters=clusters, level=level, n_halves=n_halves, seed=seed)
+        out["precision_interval"], out["recall_interval"] = p.as_dict(), r.as_dict()
     if seeds is not None and len(set(seeds.tolist())) > 1:
         per = {str(s): [float(v) for v in stats.precision_recall(ref[seeds == s], gen[seeds == s], k=k)]
                for s in sorted(set(seeds.tolist())) if (seeds == s).sum() > k}

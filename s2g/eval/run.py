@@ -145,7 +145,8 @@ def evaluate(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None,
         clusters = np.array([r["prompt_index"] for r in rows])
         metrics["fidelity"] = fidelity_summary(feats.numpy(), ref, ref2, clusters, n_boot=int(boot.fd_n),
                                                seeds=np.array([r["seed"] for r in rows]),
-                                               level=float(boot.level), seed=int(boot.seed))
+                                               level=float(boot.level), seed=int(boot.seed),
+                                               n_halves=int(boot.get("pr_halves", 100)))
     metrics["extra"] = _extra_summary(extra, rows, parts, order, boot)
     total_seconds = sum(p["seconds"] for p in parts)
     metrics["cost"] = {"nfe_per_image": float(np.mean([r["nfe"] for r in rows])),
@@ -260,11 +261,12 @@ def load_run(path: Path) -> dict:
             "run": json.loads((path / "run.json").read_text()) if (path / "run.json").is_file() else {}}
 
 
-def paired(a: dict, b: dict, n_boot: int = 2000, level: float = 0.95, seed: int = 0, fd_boot: int = 200) -> dict:
+def paired(a: dict, b: dict, n_boot: int = 2000, level: float = 0.95, seed: int = 0, fd_boot: int = 200,
+           pr_halves: int = 100) -> dict:
     """A - B on the (prompt, seed) items both runs share: every adherence metric (mean difference, cluster
     bootstrap interval over prompts, sign-flip p-value), and, when both runs have scene features, the Fréchet
     distance difference FD(A, ref) - FD(B, ref) against the same real renders of those items, on a shared
-    bootstrap of prompts."""
+    bootstrap of prompts, and the precision and recall differences on a shared delete-half jackknife."""
     key = lambda r: (r["seed"], r["prompt"])  # noqa: E731
     ib = {key(r): i for i, r in enumerate(b["rows"])}
     pairs = [(i, ib[key(r)]) for i, r in enumerate(a["rows"]) if key(r) in ib]
@@ -293,7 +295,32 @@ def paired(a: dict, b: dict, n_boot: int = 2000, level: float = 0.95, seed: int 
                                       seed=seed).as_dict()
         d["mean"] = diff(fa, fb, ref)
         out["frechet"] = d
+        if len(set(clusters.tolist())) >= 4:
+            k = int(a["metrics"]["fidelity"].get("k", 3))
+            pr_diff = lambda x, y, r: np.subtract(stats.precision_recall(r, x, k=k),  # noqa: E731
+                                                  stats.precision_recall(r, y, k=k))
+            dp, dr = stats.half_sample_interval(pr_diff, fa, fb, ref, clusters=clusters, level=level,
+                                                n_halves=pr_halves, seed=seed)
+            out["precision"], out["recall"] = dp.as_dict(), dr.as_dict()
     return out
+
+
+def rescore_fidelity(run: dict) -> dict:
+    """A finished run's fidelity block recomputed from its saved features by today's `fidelity_summary` (with the
+    run's own reference seed and bootstrap settings): for runs written before a statistic was added."""
+    from .evaluator import SceneEvaluator
+
+    if not run["features"].shape[1]:
+        raise ValueError(f"{run['dir']}: no scene features (scene_metrics was off); nothing to rescore")
+    rows, cfg = run["rows"], run["config"]
+    items = [Item(int(r["index"]), int(r["seed"]), int(r["prompt_index"]), r["prompt"]) for r in rows]
+    ref_seed, boot = int(cfg.get("reference_seed", 0)), cfg.get("bootstrap", {})
+    evaluator = SceneEvaluator.load()
+    ref, ref2 = (evaluator.features(reference_renders(items, s)).double().numpy() for s in (ref_seed, ref_seed + 1))
+    return fidelity_summary(run["features"], ref, ref2, np.array([int(r["prompt_index"]) for r in rows]),
+                            n_boot=int(boot.get("fd_n", 200)), level=float(boot.get("level", 0.95)),
+                            seed=int(boot.get("seed", 0)), seeds=np.array([int(r["seed"]) for r in rows]),
+                            n_halves=int(boot.get("pr_halves", 100)))
 
 
 def pair(dirs, boot) -> dict:
@@ -303,9 +330,9 @@ def pair(dirs, boot) -> dict:
     out_path = a["dir"] / f"paired_vs_{Path(str(dirs[1])).name}.json"
     if out_path.exists():
         raise FileExistsError(f"{out_path} exists; outputs are never overwritten")
-    res = paired(a, b, int(boot.n), float(boot.level), int(boot.seed))
+    res = paired(a, b, int(boot.n), float(boot.level), int(boot.seed), int(boot.fd_n), int(boot.get("pr_halves", 100)))
     out_path.write_text(json.dumps(res, indent=1))
-    for m in ("all", "count", "color", "shape", "relation", "frechet"):
+    for m in ("all", "count", "color", "shape", "relation", "frechet", "precision", "recall"):
         if m in res:
             r = res[m]
             p = f"  p = {r['p_value']:.3g}" if r.get("p_value") is not None else ""
@@ -354,6 +381,9 @@ def gather(sweep: Path, baseline: str | None = None) -> list[dict]:
         if f:
             row.update(frechet=f["frechet"]["mean"], frechet_lo=f["frechet"]["lo"], frechet_hi=f["frechet"]["hi"],
                        frechet_floor=f["frechet_floor"], precision=f["precision"], recall=f["recall"])
+            for k in ("precision", "recall"):
+                if f"{k}_interval" in f:
+                    row[f"{k}_lo"], row[f"{k}_hi"] = f[f"{k}_interval"]["lo"], f[f"{k}_interval"]["hi"]
         row.update(nfe=m["cost"]["nfe_per_image"], seconds_per_image=m["cost"]["seconds_per_image"],
                    n_images=m["n_images"])
         if base is not None and d.name != str(baseline):
@@ -377,7 +407,9 @@ def gather(sweep: Path, baseline: str | None = None) -> list[dict]:
         cells = [f"{r['run']} ({r['overrides']})" if r["overrides"] else r["run"], iv("all"), iv("count"), iv("color"),
                  iv("shape"), iv("relation"), iv("relation_given_found"), iv("flipped_given_found"),
                  f"{r['frechet']:.2f} ({r['frechet_floor']:.2f})" if "frechet" in r else "",
-                 f"{r['precision']:.3f}" if "precision" in r else "", f"{r['recall']:.3f}" if "recall" in r else "",
+                 iv("precision") if "precision_lo" in r else f"{r.get('precision', float('nan')):.3f}"
+                 if "precision" in r else "",
+                 iv("recall") if "recall_lo" in r else f"{r.get('recall', float('nan')):.3f}" if "recall" in r else "",
                  f"{r['nfe']:.0f}", f"{r['seconds_per_image']:.3f}"]
         if base:
             cells += [f"{r['d_all']:+.3f} [{r['d_all_lo']:+.3f}, {r['d_all_hi']:+.3f}]" if "d_all" in r else "—",

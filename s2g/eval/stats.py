@@ -8,10 +8,13 @@ Everything takes numpy arrays or torch tensors (converted to float64 numpy) and 
 * Intervals by a bootstrap over clusters (prompts): the seeds of one prompt are correlated, so resampling images
   independently would make every interval too narrow. Percentile intervals for means; for other statistics
   (the FD) the replicates are first recentred on the estimate, see `bootstrap_statistic`.
+* k-NN precision/recall cannot be bootstrapped (duplicated rows shrink the radii); their intervals come from a
+  delete-half jackknife over prompts instead, which never duplicates a row, see `half_sample_interval`.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
+from statistics import NormalDist
 from typing import Callable
 
 import numpy as np
@@ -144,13 +147,15 @@ class Interval:
     n_clusters: int | None = None
     level: float = 0.95
     p_value: float | None = None  # set by paired_difference only
+    se: float | None = None  # set by half_sample_interval only (its interval is mean ± z·se)
 
     def __str__(self) -> str:
         text = f"{self.mean:.3f} [{self.lo:.3f}, {self.hi:.3f}]"
         return text if self.p_value is None else f"{text} p={self.p_value:.3g}"
 
     def as_dict(self) -> dict:
-        return {key: value for key, value in asdict(self).items() if not (key == "p_value" and value is None)}
+        return {key: value for key, value in asdict(self).items()
+                if not (key in ("p_value", "se") and value is None)}
 
 
 class _Clusters:
@@ -273,3 +278,45 @@ def bootstrap_statistic(fn: Callable[..., float], *arrays, clusters=None, n_boot
     if recenter:
         boot = boot - (boot.mean() - point)
     return _percentile_interval(point, boot, n, groups.size, level)
+
+
+
+def half_sample_interval(fn: Callable[..., float | tuple], *arrays, clusters, level: float = 0.95,
+                         n_halves: int = 100, seed: int = 0) -> Interval | list[Interval]:
+    """fn(*arrays) with a normal interval mean ± z·se, se from the delete-half jackknife over clusters.
+
+    Each of `n_halves` replicates keeps a random half of the clusters (all rows of a kept prompt, in every array,
+    e.g. generated and reference features, so aligned arrays stay paired) and calls fn on them; with d clusters
+    deleted and r kept, se² = r/d · var(θ_s) (Shao & Wu 1989, the delete-d jackknife: it holds for non-smooth
+    statistics, where the delete-one jackknife does not). No row is ever duplicated, so it serves statistics that
+    a bootstrap's duplicates break, such as k-NN precision/recall. On Gaussian sets with prompt-correlated rows
+    its se came out 0.9-1.4× the spread over independent draws (tests/test_eval_stats.py); the delete-one
+    jackknife's 1.5-1.7× (too wide), a bootstrap of the indicators with the k-NN manifolds held fixed 0.75×.
+    fn may return a tuple of statistics; then a list of Intervals comes back, one per statistic.
+    """
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    if n_halves < 2:
+        raise ValueError(f"n_halves must be ≥ 2, got {n_halves}")
+    arrays = [a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a) for a in arrays]
+    if not arrays:
+        raise ValueError("half_sample_interval needs at least one array")
+    n = len(arrays[0])
+    if any(len(a) != n for a in arrays):
+        raise ValueError(f"arrays must share their first dimension, got {[len(a) for a in arrays]}")
+    groups = _Clusters(clusters, n)
+    if groups.size < 4:
+        raise ValueError("the delete-half jackknife needs at least 4 clusters")
+    deleted = groups.size // 2
+    kept = groups.size - deleted
+    rng = np.random.default_rng(seed)
+    full = np.asarray(fn(*arrays), dtype=float)
+    reps = []
+    for _ in range(n_halves):
+        rows = np.isin(groups.inverse, rng.permutation(groups.size)[:kept])
+        reps.append(np.atleast_1d(np.asarray(fn(*(a[rows] for a in arrays)), dtype=float)))
+    se = np.sqrt(kept / deleted * np.var(np.stack(reps), axis=0, ddof=1))
+    z = NormalDist().inv_cdf((1 + level) / 2)
+    out = [Interval(float(p), float(p - z * s), float(p + z * s), n, groups.size, level, se=float(s))
+           for p, s in zip(np.atleast_1d(full), se)]
+    return out if full.ndim else out[0]
