@@ -86,6 +86,14 @@ def overrides_for(model: str, subset: str, group: str, params: dict) -> list[str
             *[f"{'+' if k.startswith('+') else ''}guidance.{k.lstrip('+')}={fmt(v)}" for k, v in params.items()]]
 
 
+def evaluate_config(overrides: list[str]):
+    """configs/evaluate.yaml with `overrides`, composed as scripts/evaluate.py would."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(ROOT / "configs"), version_base=None):
+        return compose("evaluate", overrides=overrides)
+
+
 class Runner:
     """Runs (or finds) one evaluation per (model, set, guider, params); appends each command to a log."""
 
@@ -102,8 +110,6 @@ class Runner:
         return self.root / subset / run_name(group, params)
 
     def __call__(self, subset: str, group: str, params: dict | None = None) -> Path:
-        from hydra import compose, initialize_config_dir
-
         from s2g.eval.run import evaluate
         from s2g.runinfo import apply_guidance_defaults
 
@@ -123,8 +129,7 @@ class Runner:
                 p.unlink()
         t = time.time()
         print(f"[{time.strftime('%H:%M:%S')}] {out.relative_to(HERE)}", flush=True)
-        with initialize_config_dir(str(ROOT / "configs"), version_base=None):
-            cfg = compose("evaluate", overrides=overrides)
+        cfg = evaluate_config(overrides)
         applied = apply_guidance_defaults(cfg.model, group, cfg.guidance, overrides)  # as scripts/evaluate.py
         overrides += [f"guidance.{k}={fmt(v)}" for k, v in applied.items()]
         evaluate(cfg, out, overrides=overrides, guidance_name=group)
@@ -155,15 +160,36 @@ def grid(spec: dict) -> list[dict]:
 
 
 def paired(a: Path, b: Path) -> dict:
-    """A - B on shared (prompt, seed) items, cached next to A as paired_vs_<b's set>_<b>.json."""
+    """A - B on shared (prompt, seed) items, cached next to A as paired_vs_<b's set>_<b>.json (a cache written
+    before the precision/recall differences existed is recomputed)."""
     from s2g.eval.run import load_run, paired as paired_runs
 
     cache = a / f"paired_vs_{b.parent.name}_{b.name}.json"
     if cache.is_file():
-        return json.loads(cache.read_text())
+        res = json.loads(cache.read_text())
+        if "precision" in res:
+            return res
     res = paired_runs(load_run(a), load_run(b))
     cache.write_text(json.dumps(res, indent=1))
     return res
+
+
+def fidelity(run: Path) -> dict:
+    """The run's fidelity block with precision/recall intervals: from metrics.json, or for runs written before
+    those intervals existed, recomputed from the saved features (cached as fidelity_rescored.json)."""
+    f = metrics(run)["fidelity"]
+    if "precision_interval" in f:
+        return f
+    cache = run / "fidelity_rescored.json"
+    if not cache.is_file():
+        from s2g.eval.run import load_run, rescore_fidelity
+        from s2g.runinfo import git_revision
+
+        res = rescore_fidelity(load_run(run))
+        assert abs(res["frechet"]["mean"] - f["frechet"]["mean"]) < 1e-9 and res["precision"] == f["precision"]
+        cache.write_text(json.dumps({"produced_by": f"s2g.eval.run.rescore_fidelity from features.safetensors "
+                                                    f"(git {git_revision()})", "fidelity": res}, indent=1))
+    return json.loads(cache.read_text())["fidelity"]
 
 
 def iv(d: dict, digits: int = 3, signed: bool = False) -> str:
@@ -173,42 +199,49 @@ def iv(d: dict, digits: int = 3, signed: bool = False) -> str:
     return f"{f.format(d['mean'])} [{f.format(d['lo'])}, {f.format(d['hi'])}]"
 
 
-def row_cells(run: Path, base: Path | None) -> dict:
-    m = metrics(run)
-    o, fd = m["adherence"]["overall"], m["fidelity"]
-    cells = {"all": iv(o["all"]), "count": f"{o['count']['mean']:.3f}", "colour": f"{o['color']['mean']:.3f}",
-             "shape": f"{o['shape']['mean']:.3f}", "relation": f"{o['relation']['mean']:.3f}",
-             "FD": iv(fd["frechet"], 2), "P": f"{fd['precision']:.3f}", "R": f"{fd['recall']:.3f}",
-             "NFE": f"{m['cost']['nfe_per_image']:.0f}", "s/img": f"{m['cost']['seconds_per_image']:.2f}"}
-    if base is not None:
-        if run == base:
-            cells.update({"Δ all vs base": "—", "p": "—", "Δ FD vs base": "—"})
-        else:
-            p = paired(run, base)
-            cells.update({"Δ all vs base": iv(p["all"], signed=True), "p": f"{p['all']['p_value']:.3f}",
-                          "Δ FD vs base": iv(p["frechet"], 2, signed=True) if "frechet" in p else ""})
-    return cells
+def _markdown(head: list[str], body: list[list[str]]) -> str:
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+                     + ["| " + " | ".join(r) + " |" for r in body])
+
+
+ATTRIBUTES = {"count": "count", "color": "colour", "shape": "shape", "relation": "relation"}
+
+
+def tables(lines: list[tuple[str, Path, Path | None]], base_name: str = "CFG") -> str:
+    """Rows (label, run, baseline run or None) as three tables, every number with its 95% interval:
+    headline (all correct, FD, precision, recall, NFE; paired Δ to the row's baseline), per attribute (with Δ),
+    per prompt family."""
+    head = ["", "all correct", f"Δ all vs {base_name}", "p", "FD", "Δ FD", "precision", "Δ P", "recall", "Δ R",
+            "NFE"]
+    attr_head = ["", *ATTRIBUTES.values(), "relation given found", *[f"Δ {v}" for v in ATTRIBUTES.values()]]
+    fams = list(metrics(lines[0][1])["adherence"]["families"])
+    body, attr_body, fam_body = [], [], []
+    for label, run, base in lines:
+        m, f = metrics(run), fidelity(run)
+        o = m["adherence"]["overall"]
+        pd = paired(run, base) if base is not None and base != run else None
+        d = lambda k, digits=3: iv(pd[k], digits, signed=True) if pd and k in pd else "—"  # noqa: E731
+        body.append([label, iv(o["all"]), d("all"), f"{pd['all']['p_value']:.3f}" if pd else "—",
+                     iv(f["frechet"], 2), d("frechet", 2), iv(f["precision_interval"]), d("precision"),
+                     iv(f["recall_interval"]), d("recall"), f"{m['cost']['nfe_per_image']:.0f}"])
+        attr_body.append([label, *[iv(o[k]) for k in ATTRIBUTES], iv(o["relation_given_found"]),
+                          *[d(k) for k in ATTRIBUTES]])
+        fam = m["adherence"]["families"]
+        fam_body.append([label, *[iv(fam[k]["all"]) for k in fams]])
+    return "\n\n".join([_markdown(head, body), "Per attribute (relation: relational prompts only):",
+                         _markdown(attr_head, attr_body), "All correct by prompt family:",
+                         _markdown(["", *fams], fam_body)])
 
 
 def table(rows: list[tuple[str, Path]], base: Path | None, base_name: str = "CFG") -> str:
-    head = None
-    lines = []
-    for label, run in rows:
-        cells = row_cells(run, base)
-        if head is None:
-            head = ["", *[k.replace("base", base_name) for k in cells]]
-            lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        lines.append("| " + " | ".join([label, *cells.values()]) + " |")
-    return "\n".join(lines)
+    return tables([(label, run, base) for label, run in rows], base_name)
 
 
-def family_table(rows: list[tuple[str, Path]]) -> str:
-    fams = list(metrics(rows[0][1])["adherence"]["families"])
-    lines = ["| all correct by family | " + " | ".join(fams) + " |", "|" + "---|" * (len(fams) + 1)]
-    for label, run in rows:
-        f = metrics(run)["adherence"]["families"]
-        lines.append("| " + " | ".join([label, *[f"{f[k]['all']['mean']:.3f}" for k in fams]]) + " |")
-    return "\n".join(lines)
+INTERVALS = ("95% intervals over prompts (a prompt's seeds stay together): bootstrap for the adherence rates and "
+             "the Fréchet distance (FD), delete-half jackknife for precision and recall (a bootstrap's duplicated "
+             "images would shrink their k-NN radii). Δ = paired difference to the baseline on the same prompts and "
+             "noise, with its interval; p = sign-flip test on all correct. NFE is a count, exact. Cost in time and "
+             "memory: the cost item (claims/cost/).")
 
 
 def plot(points: list[tuple[str, Path]], path: Path, title: str) -> None:
@@ -248,7 +281,8 @@ def setting(params: dict) -> str:
 
 def tune(run: Runner, methods=None) -> dict:
     """Every method's grid on VAL; the selected setting per method (highest all correct, ties → lower FD)."""
-    selected, lines = {}, ["| method | setting | val all correct | val FD |", "|---|---|---|---|"]
+    selected, lines = {}, ["| method | setting | val all correct [95% interval] | val FD [95% interval] |",
+                           "|---|---|---|---|"]
     for name, (group, spec) in METHODS.items():
         if methods and name not in methods:
             continue
@@ -258,7 +292,8 @@ def tune(run: Runner, methods=None) -> dict:
         for params in grid(spec):
             r = run("val", group, params)
             scored.append((-round(all_correct(r), 6), frechet(r), params))
-            lines.append(f"| {name} | {setting(params)} | {all_correct(r):.3f} | {frechet(r):.2f} |")
+            lines.append(f"| {name} | {setting(params)} | {iv(metrics(r)['adherence']['overall']['all'])} | "
+                         f"{iv(metrics(r)['fidelity']['frechet'], 2)} |")
         selected[name] = min(scored, key=lambda s: (s[0], s[1]))[2]
     return selected, "\n".join(lines)
 
@@ -270,11 +305,9 @@ def best(run: Runner, folder: Path) -> None:
     runs = [(f"{name} ({setting(p)})", run("test", METHODS[name][0], p)) for name, p in selected.items()]
     base = run("test", "cfg", selected["cfg"])
     text = [f"# Best against best ({run.model}): every method at its val-selected setting, on test",
-            "", f"Test: {' '.join(SETS['test'])} (600 images per method, 28 Euler steps). 95% bootstrap "
-            "intervals over prompts; Δ = paired difference to CFG at its selected scale (same prompts, same "
-            "noise), p = sign-flip test. Wall time per image: one thread, the shared 2-core machine.", "",
-            table(runs, base), "", family_table(runs), "", "## Tuning (val: " + " ".join(SETS["val"]) + ")", "",
-            tuning, ""]
+            "", f"Test: {' '.join(SETS['test'])} (600 images per method, 28 Euler steps). Baseline: CFG at its "
+            f"val-selected scale. {INTERVALS}", "", table(runs, base), "",
+            "## Tuning (val: " + " ".join(SETS["val"]) + ")", "", tuning, ""]
     write(folder, "table.md", "\n".join(text))
     plot(runs, folder / "plot.png", f"{run.model}: each method at its val-selected setting (test, 600 images)")
 
@@ -290,7 +323,8 @@ def fixed(run: Runner, folder: Path) -> None:
     """S² on top of CFG at the same λ: the paper's λ 7.5 / ω 0.25, and at CFG's val-selected λ."""
     sel = s2_selected(run.model)
     lam_cfg = sel["cfg"]["scale"]
-    rows, text = [], [f"# S² on top of CFG at the same λ ({run.model}, test)", ""]
+    rows, text = [], [f"# S² on top of CFG at the same λ ({run.model}, test)", "",
+                      f"Test: {' '.join(SETS['test'])} (600 images). {INTERVALS}", ""]
     for lam in dict.fromkeys([PAPER["scale"], lam_cfg]):
         base = run("test", "cfg", {"scale": lam})
         rows = [(f"CFG λ {fmt(lam)}", base)]
@@ -307,7 +341,7 @@ def around_s2(run: Runner, folder: Path, title: str, variants: list[tuple[str, s
     base = run("ablation", "cfg", {"scale": sel["scale"]} if base_params is None else base_params)
     rows = [(f"CFG λ {fmt(sel['scale'])}", base)] + [(lab, run("ablation", g, p)) for lab, g, p in variants]
     text = [f"# {title} ({run.model})", "", f"Ablation set: {' '.join(SETS['ablation'])} (300 images); S²'s "
-            f"val-selected setting: {setting(sel)}. Δ = paired difference to CFG at the same λ.", "",
+            f"val-selected setting: {setting(sel)}. Baseline: CFG at the same λ. {INTERVALS}", "",
             table(rows, base, "CFG"), ""]
     write(folder, "table.md", "\n".join(text))
     plot(rows, folder / "plot.png", f"{title} ({run.model})")
@@ -324,6 +358,8 @@ def blocks(run: Runner, folder: Path) -> None:
 def sweeps(run: Runner, folder: Path) -> None:
     sel = s2_selected(run.model)["s2"]
     lam, omega = sel["scale"], sel["omega"]
+    write(folder, "table.md", f"# Fig. 7 analogs ({run.model}): the λ sweep (lambda/table.md), the ω sweep "
+          "(omega/table.md) and the σ interval (interval/table.md)\n")
     rows = []
     for s in (2, 4, 7.5, 12):
         rows.append((f"CFG λ {fmt(s)}", run("ablation", "cfg", {"scale": s})))
@@ -333,7 +369,7 @@ def sweeps(run: Runner, folder: Path) -> None:
     lines = []
     for (lc, c), (ls, s) in zip(rows[::2], rows[1::2]):
         lines += [(lc, c, None), (ls, s, c)]
-    text += [_rows_table(lines), ""]
+    text += [INTERVALS, "", tables(lines, "CFG same λ"), ""]
     write(folder / "lambda", "table.md", "\n".join(text))
     plot(rows, folder / "lambda" / "plot.png", f"λ sweep, CFG and S² ω {fmt(omega)} ({run.model})")
     around_s2(run, folder / "omega", "Fig. 7b analog: ω sweep (ω 0 = CFG)",
@@ -341,18 +377,6 @@ def sweeps(run: Runner, folder: Path) -> None:
     around_s2(run, folder / "interval", "Fig. 7e analog: the σ interval of the S² term",
               [(f"S² σ ∈ [{a}, {b}]", "s2", dict(sel, interval=[a, b]))
                for a, b in ((0.4, 0.6), (0.3, 0.7), (0.1, 0.9), (0.0, 1.0), (0.0, 0.5), (0.5, 1.0))])
-
-
-def _rows_table(lines) -> str:
-    out, head = [], None
-    for label, run, base in lines:
-        cells = row_cells(run, base)
-        cells.setdefault("Δ all vs base", "—"), cells.setdefault("p", "—"), cells.setdefault("Δ FD vs base", "—")
-        if head is None:
-            head = ["", *[k.replace("vs base", "vs CFG same λ") for k in cells]]
-            out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        out.append("| " + " | ".join([label, *cells.values()]) + " |")
-    return "\n".join(out)
 
 
 def subnetworks(run: Runner, folder: Path) -> None:
@@ -389,7 +413,6 @@ def form(run: Runner, folder: Path) -> None:
 def kappa(run: Runner, params: dict) -> float:
     """κ = Σ⟨D̂ − D_c, D_c − D_u⟩ / Σ‖D_c − D_u‖² of S² at `params`, measured on VAL (never on test)."""
     import torch
-    from hydra import compose, initialize_config_dir
 
     from s2g.eval.harness import generate, work_items
     from s2g.eval.prompts import prompt_set
@@ -397,8 +420,7 @@ def kappa(run: Runner, params: dict) -> float:
     from s2g.runinfo import build_model
 
     torch.set_num_threads(1)
-    with initialize_config_dir(str(ROOT / "configs"), version_base=None):
-        cfg = compose("evaluate", overrides=[f"model={run.model}"])
+    cfg = evaluate_config([f"model={run.model}"])
     pipe, _ = build_model(cfg.model)
     probes = []
 
@@ -440,11 +462,9 @@ def controls(run: Runner, folder: Path) -> None:
 
 
 def _guider(model: str, group: str, params: dict, seed: int = 0):
-    from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    with initialize_config_dir(str(ROOT / "configs"), version_base=None):
-        cfg = compose("evaluate", overrides=overrides_for(model, "val", group, params) + [f"seed={seed}"])
+    cfg = evaluate_config(overrides_for(model, "val", group, params) + [f"seed={seed}"])
     return cfg, instantiate(cfg.guidance)
 
 
@@ -490,10 +510,18 @@ def cost_worker(model: str, name: str, params: dict) -> None:
     print(json.dumps({"peak_rss_mb": status("VmHWM"), "rss_before_sampling_mb": before}))
 
 
-def cost(run: Runner, folder: Path, repeats: int = 3) -> None:
+def _median_range(values, digits: int, prefix: str = "") -> str:
+    """Median [min, max] of n repeats: [min, max] holds the median with probability 1 − 2·2⁻ⁿ whatever the
+    distribution (97% for n = 6, 94% for n = 5)."""
+    f = f"{prefix}{{:.{digits}f}}"
+    return f"{f.format(np.median(values))} [{f.format(min(values))}, {f.format(max(values))}]"
+
+
+def cost(run: Runner, folder: Path, repeats: int = 6, memory_repeats: int = 5) -> None:
     """Table 5 analog: per method at its val-selected setting, one batch of 32 val prompts, 28 Euler steps, one
-    thread: NFE, block-row work, wall time (median of `repeats`, methods interleaved so load drift hits all)
-    and peak RSS of a fresh process."""
+    thread: NFE and block-row work (counts), wall time (`repeats` runs in one process, methods interleaved in a
+    rotating order so that load drift hits all; each repeat's ratio to CFG's time in the same repeat) and peak
+    RSS (`memory_repeats` fresh processes per method, interleaved likewise)."""
     import subprocess
 
     import torch
@@ -510,31 +538,45 @@ def cost(run: Runner, folder: Path, repeats: int = 3) -> None:
     cond, uncond = pipe.conditioning(prompt_set("val", 32))
     noise = pipe.noise(32, 0)
     group = lambda n: METHODS[n.split()[0]][0]  # noqa: E731
+    rotate = lambda r: names[r % len(names):] + names[:r % len(names)]  # noqa: E731
     res = {n: [] for n in names}
     for r in range(repeats):
-        for n in names[r % len(names):] + names[:r % len(names)]:
+        print(f"[{time.strftime('%H:%M:%S')}] timing repeat {r + 1}/{repeats}", flush=True)
+        for n in rotate(r):
             cfg_n, guider = _guider(run.model, group(n), sel[n])
             res[n].append(_one_run(pipe, guider, cfg_n, cond, uncond, noise))
+    mem = {n: [] for n in names}
+    for r in range(memory_repeats):
+        print(f"[{time.strftime('%H:%M:%S')}] memory repeat {r + 1}/{memory_repeats}", flush=True)
+        for n in rotate(r):
+            out = subprocess.run([sys.executable, __file__, "cost", "--model", run.model, "--worker", n, "--params",
+                                  json.dumps(sel[n])], capture_output=True, text=True, check=True).stdout
+            mem[n].append(json.loads(out.strip().splitlines()[-1])["peak_rss_mb"])
     rows = {}
     for n in names:
-        out = subprocess.run([sys.executable, __file__, "cost", "--model", run.model, "--worker", n,
-                              "--params", json.dumps(sel[n])], capture_output=True, text=True, check=True).stdout
-        mem = json.loads(out.strip().splitlines()[-1])
+        if len({x["nfe"] for x in res[n]}) != 1:
+            raise RuntimeError(f"{n}: the NFE differs between repeats of the same batch")
         rows[n] = {"setting": sel[n], "nfe": res[n][0]["nfe"], "block_rows": res[n][0]["block_rows"],
                    "weak_block_rows": res[n][0]["weak_block_rows"],
-                   "seconds_per_image": float(np.median([x["seconds_per_image"] for x in res[n]])), **mem}
+                   "seconds_per_image": [x["seconds_per_image"] for x in res[n]], "peak_rss_mb": mem[n]}
     c = rows["cfg"]
     lines = [f"# Table 5 analog: cost per method ({run.model}, one batch of 32, 28 Euler steps, 1 thread)", "",
-             "Work = block evaluations per image of the main network (the weak network's are listed apart: "
-             "Autoguidance's weak model is 2/3 as wide); time = median of 3 interleaved runs; peak RSS of a "
-             "fresh process during sampling (model weights included).", "",
-             "| method | setting | NFE | work (×CFG) | weak work | s/image (×CFG) | peak RSS MB (×CFG) |",
-             "|---|---|---|---|---|---|---|"]
+             "NFE and work are counts (exact): work = block evaluations per image of the main network (the weak "
+             "network's are listed apart: Autoguidance's weak model is 2/3 as wide). Time: median [min, max] of "
+             f"{repeats} runs, methods interleaved; ×CFG = the same over each repeat's ratio to CFG's run in that "
+             f"repeat. Peak RSS during sampling (model weights included): median [min, max] of {memory_repeats} "
+             f"fresh processes per method. [min, max] of n repeats holds their median with probability "
+             f"1 − 2·2⁻ⁿ ({1 - 2 * 0.5 ** repeats:.0%} for time, {1 - 2 * 0.5 ** memory_repeats:.0%} for memory). "
+             "The shared 2-core machine, one thread per process.", "",
+             "| method | setting | NFE | work (×CFG) | weak work | s/image | s/image ×CFG | peak RSS MB | "
+             "peak RSS ×CFG |", "|---|---|---|---|---|---|---|---|---|"]
     for n, r in rows.items():
+        t_ratio = [a / b for a, b in zip(r["seconds_per_image"], c["seconds_per_image"])]
+        m_ratio = [a / b for a, b in zip(r["peak_rss_mb"], c["peak_rss_mb"])]
         lines.append(f"| {n} | {setting(r['setting'])} | {r['nfe']} | {r['block_rows']:.0f} "
                      f"(×{r['block_rows'] / c['block_rows']:.3f}) | {r['weak_block_rows']:.0f} | "
-                     f"{r['seconds_per_image']:.3f} (×{r['seconds_per_image'] / c['seconds_per_image']:.2f}) | "
-                     f"{r['peak_rss_mb']:.0f} (×{r['peak_rss_mb'] / c['peak_rss_mb']:.3f}) |")
+                     f"{_median_range(r['seconds_per_image'], 3)} | {_median_range(t_ratio, 2, '×')} | "
+                     f"{_median_range(r['peak_rss_mb'], 0)} | {_median_range(m_ratio, 3, '×')} |")
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "cost.json").write_text(json.dumps(rows, indent=1))
     write(folder, "table.md", "\n".join(lines) + "\n")
