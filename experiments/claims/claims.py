@@ -240,27 +240,51 @@ def table(rows: list[tuple[str, Path]], base: Path | None, base_name: str = "CFG
 INTERVALS = ("95% intervals over prompts (a prompt's seeds stay together): bootstrap for the adherence rates and "
              "the Fréchet distance (FD), delete-half jackknife for precision and recall (a bootstrap's duplicated "
              "images would shrink their k-NN radii). Δ = paired difference to the baseline on the same prompts and "
-             "noise, with its interval; p = sign-flip test on all correct. NFE is a count, exact. Cost in time and "
-             "memory: the cost item (claims/cost/).")
+             "noise, with its interval; p = sign-flip test on all correct. NFE is a count, exact: the predictions "
+             "the guider asks for per image, the paper's count (naive S² asks for N sub-networks a step; when two "
+             "of its masks coincide, the pass runs once, so the cost table's NFE, which counts passes run, is "
+             "lower). Cost in time and memory: the cost item (claims/cost/).")
 
 
-def plot(points: list[tuple[str, Path]], path: Path, title: str) -> None:
+def plot(points: list[tuple], path: Path, title: str, base: Path | None = None) -> None:
+    """Left: all correct against FD per run, with their own intervals. Right (when a baseline is given, or per row
+    as (label, run, base)): the paired differences to the baseline, with their paired intervals, which are far
+    narrower, since both runs share prompts and noise."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for label, run in points:
+    lines = [(p[0], p[1], p[2] if len(p) > 2 else base) for p in points]
+    deltas = [(lab, r, b) for lab, r, b in lines if b is not None and b != r]
+    fig, axes = plt.subplots(1, 2 if deltas else 1, figsize=(12 if deltas else 6.5, 4.5), squeeze=False)
+    colour = {label: plt.get_cmap("tab20")(i % 20) for i, (label, _, _) in enumerate(lines)}  # same in both panels
+    ax = axes[0, 0]
+    for label, run, _ in lines:
         m = metrics(run)
         a, f = m["adherence"]["overall"]["all"], m["fidelity"]["frechet"]
         ax.errorbar(f["mean"], a["mean"], yerr=[[a["mean"] - a["lo"]], [a["hi"] - a["mean"]]],
-                    xerr=[[f["mean"] - f["lo"]], [f["hi"] - f["mean"]]], fmt="o", capsize=2)
+                    xerr=[[f["mean"] - f["lo"]], [f["hi"] - f["mean"]]], fmt="o", capsize=2, color=colour[label])
         ax.annotate(label, (f["mean"], a["mean"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel("Fréchet distance to real renders (lower is better)")
     ax.set_ylabel("all correct (higher is better)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
+    if deltas:
+        ax = axes[0, 1]
+        for label, run, b in deltas:
+            d = paired(run, b)
+            a, f = d["all"], d["frechet"]
+            ax.errorbar(f["mean"], a["mean"], yerr=[[a["mean"] - a["lo"]], [a["hi"] - a["mean"]]],
+                        xerr=[[f["mean"] - f["lo"]], [f["hi"] - f["mean"]]], fmt="o", capsize=2,
+                        color=colour[label])
+            ax.annotate(label, (f["mean"], a["mean"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.axvline(0, color="grey", lw=0.8)
+        ax.set_xlabel("Δ Fréchet distance, paired (left of 0: better)")
+        ax.set_ylabel("Δ all correct, paired (above 0: better)")
+        ax.set_title("paired difference to the baseline (same prompts, same noise)", fontsize=9)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     plt.close(fig)
@@ -309,7 +333,8 @@ def best(run: Runner, folder: Path) -> None:
             f"val-selected scale. {INTERVALS}", "", table(runs, base), "",
             "## Tuning (val: " + " ".join(SETS["val"]) + ")", "", tuning, ""]
     write(folder, "table.md", "\n".join(text))
-    plot(runs, folder / "plot.png", f"{run.model}: each method at its val-selected setting (test, 600 images)")
+    plot(runs, folder / "plot.png", f"{run.model}: each method at its val-selected setting (test, 600 images)",
+         base)
 
 
 def s2_selected(model: str) -> dict:
@@ -323,7 +348,7 @@ def fixed(run: Runner, folder: Path) -> None:
     """S² on top of CFG at the same λ: the paper's λ 7.5 / ω 0.25, and at CFG's val-selected λ."""
     sel = s2_selected(run.model)
     lam_cfg = sel["cfg"]["scale"]
-    rows, text = [], [f"# S² on top of CFG at the same λ ({run.model}, test)", "",
+    points, text = [], [f"# S² on top of CFG at the same λ ({run.model}, test)", "",
                       f"Test: {' '.join(SETS['test'])} (600 images). {INTERVALS}", ""]
     for lam in dict.fromkeys([PAPER["scale"], lam_cfg]):
         base = run("test", "cfg", {"scale": lam})
@@ -332,7 +357,9 @@ def fixed(run: Runner, folder: Path) -> None:
             rows.append((f"S² λ {fmt(lam)} ω {fmt(omega)}", run("test", "s2", {"scale": lam, "omega": omega})))
         text += [f"## λ = {fmt(lam)}" + (" (the paper's)" if lam == PAPER["scale"] else " (CFG's val-selected)"),
                  "", table(rows, base, f"CFG {fmt(lam)}"), ""]
+        points += [(label, r, base) for label, r in rows]
     write(folder, "table.md", "\n".join(text))
+    plot(points, folder / "plot.png", f"S² on top of CFG at the same λ ({run.model}, test, 600 images)")
 
 
 def around_s2(run: Runner, folder: Path, title: str, variants: list[tuple[str, str, dict]], base_params=None):
@@ -344,7 +371,7 @@ def around_s2(run: Runner, folder: Path, title: str, variants: list[tuple[str, s
             f"val-selected setting: {setting(sel)}. Baseline: CFG at the same λ. {INTERVALS}", "",
             table(rows, base, "CFG"), ""]
     write(folder, "table.md", "\n".join(text))
-    plot(rows, folder / "plot.png", f"{title} ({run.model})")
+    plot(rows, folder / "plot.png", f"{title} ({run.model})", base)
     return rows
 
 
@@ -371,7 +398,7 @@ def sweeps(run: Runner, folder: Path) -> None:
         lines += [(lc, c, None), (ls, s, c)]
     text += [INTERVALS, "", tables(lines, "CFG same λ"), ""]
     write(folder / "lambda", "table.md", "\n".join(text))
-    plot(rows, folder / "lambda" / "plot.png", f"λ sweep, CFG and S² ω {fmt(omega)} ({run.model})")
+    plot(lines, folder / "lambda" / "plot.png", f"λ sweep, CFG and S² ω {fmt(omega)} ({run.model})")
     around_s2(run, folder / "omega", "Fig. 7b analog: ω sweep (ω 0 = CFG)",
               [(f"S² ω {fmt(w)}", "s2", dict(sel, omega=w)) for w in (0.25, 0.5, 1, 2)])
     around_s2(run, folder / "interval", "Fig. 7e analog: the σ interval of the S² term",
@@ -510,6 +537,47 @@ def cost_worker(model: str, name: str, params: dict) -> None:
     print(json.dumps({"peak_rss_mb": status("VmHWM"), "rss_before_sampling_mb": before}))
 
 
+def measure_cost(model: str, repeats: int, memory_repeats: int) -> dict:
+    import subprocess
+
+    import torch
+
+    from s2g.eval.prompts import prompt_set
+    from s2g.runinfo import build_model
+
+    torch.set_num_threads(1)
+    sel = s2_selected(model)
+    sel["naive_s2 N 8"] = dict(sel["s2"], num_subnetworks=8)
+    names = list(sel)
+    cfg, _ = _guider(model, "cfg", {})
+    pipe, _ = build_model(cfg.model)
+    cond, uncond = pipe.conditioning(prompt_set("val", 32))
+    noise = pipe.noise(32, 0)
+    group = lambda n: METHODS[n.split()[0]][0]  # noqa: E731
+    rotate = lambda r: names[r % len(names):] + names[:r % len(names)]  # noqa: E731
+    res = {n: [] for n in names}
+    for r in range(repeats):
+        print(f"[{time.strftime('%H:%M:%S')}] timing repeat {r + 1}/{repeats}", flush=True)
+        for n in rotate(r):
+            cfg_n, guider = _guider(model, group(n), sel[n])
+            res[n].append(_one_run(pipe, guider, cfg_n, cond, uncond, noise))
+    mem = {n: [] for n in names}
+    for r in range(memory_repeats):
+        print(f"[{time.strftime('%H:%M:%S')}] memory repeat {r + 1}/{memory_repeats}", flush=True)
+        for n in rotate(r):
+            out = subprocess.run([sys.executable, __file__, "cost", "--model", model, "--worker", n, "--params",
+                                  json.dumps(sel[n])], capture_output=True, text=True, check=True).stdout
+            mem[n].append(json.loads(out.strip().splitlines()[-1])["peak_rss_mb"])
+    rows = {}
+    for n in names:
+        if len({x["nfe"] for x in res[n]}) != 1:
+            raise RuntimeError(f"{n}: the NFE differs between repeats of the same batch")
+        rows[n] = {"setting": sel[n], "nfe": res[n][0]["nfe"], "block_rows": res[n][0]["block_rows"],
+                   "weak_block_rows": res[n][0]["weak_block_rows"],
+                   "seconds_per_image": [x["seconds_per_image"] for x in res[n]], "peak_rss_mb": mem[n]}
+    return rows
+
+
 def _median_range(values, digits: int, prefix: str = "") -> str:
     """Median [min, max] of n repeats: [min, max] holds the median with probability 1 − 2·2⁻ⁿ whatever the
     distribution (97% for n = 6, 94% for n = 5)."""
@@ -521,47 +589,22 @@ def cost(run: Runner, folder: Path, repeats: int = 6, memory_repeats: int = 5) -
     """Table 5 analog: per method at its val-selected setting, one batch of 32 val prompts, 28 Euler steps, one
     thread: NFE and block-row work (counts), wall time (`repeats` runs in one process, methods interleaved in a
     rotating order so that load drift hits all; each repeat's ratio to CFG's time in the same repeat) and peak
-    RSS (`memory_repeats` fresh processes per method, interleaved likewise)."""
-    import subprocess
-
-    import torch
-
-    from s2g.eval.prompts import prompt_set
-    from s2g.runinfo import build_model
-
-    torch.set_num_threads(1)
-    sel = s2_selected(run.model)
-    sel["naive_s2 N 8"] = dict(sel["s2"], num_subnetworks=8)
-    names = list(sel)
-    cfg, _ = _guider(run.model, "cfg", {})
-    pipe, _ = build_model(cfg.model)
-    cond, uncond = pipe.conditioning(prompt_set("val", 32))
-    noise = pipe.noise(32, 0)
-    group = lambda n: METHODS[n.split()[0]][0]  # noqa: E731
-    rotate = lambda r: names[r % len(names):] + names[:r % len(names)]  # noqa: E731
-    res = {n: [] for n in names}
-    for r in range(repeats):
-        print(f"[{time.strftime('%H:%M:%S')}] timing repeat {r + 1}/{repeats}", flush=True)
-        for n in rotate(r):
-            cfg_n, guider = _guider(run.model, group(n), sel[n])
-            res[n].append(_one_run(pipe, guider, cfg_n, cond, uncond, noise))
-    mem = {n: [] for n in names}
-    for r in range(memory_repeats):
-        print(f"[{time.strftime('%H:%M:%S')}] memory repeat {r + 1}/{memory_repeats}", flush=True)
-        for n in rotate(r):
-            out = subprocess.run([sys.executable, __file__, "cost", "--model", run.model, "--worker", n, "--params",
-                                  json.dumps(sel[n])], capture_output=True, text=True, check=True).stdout
-            mem[n].append(json.loads(out.strip().splitlines()[-1])["peak_rss_mb"])
-    rows = {}
-    for n in names:
-        if len({x["nfe"] for x in res[n]}) != 1:
-            raise RuntimeError(f"{n}: the NFE differs between repeats of the same batch")
-        rows[n] = {"setting": sel[n], "nfe": res[n][0]["nfe"], "block_rows": res[n][0]["block_rows"],
-                   "weak_block_rows": res[n][0]["weak_block_rows"],
-                   "seconds_per_image": [x["seconds_per_image"] for x in res[n]], "peak_rss_mb": mem[n]}
+    RSS (`memory_repeats` fresh processes per method, interleaved likewise). The measurements are kept in
+    cost.json and reused, as finished runs are: delete it to measure again."""
+    saved = folder / "cost.json"
+    data = json.loads(saved.read_text()) if saved.is_file() else {}
+    rows = data.get("rows", {})
+    if not rows or any(len(r["seconds_per_image"]) != repeats or len(r["peak_rss_mb"]) != memory_repeats
+                       for r in rows.values()):
+        t = time.time()
+        rows = measure_cost(run.model, repeats, memory_repeats)
+        data = {"measured_minutes": (time.time() - t) / 60, "rows": rows}
+        folder.mkdir(parents=True, exist_ok=True)
+        saved.write_text(json.dumps(data, indent=1))
     c = rows["cfg"]
     lines = [f"# Table 5 analog: cost per method ({run.model}, one batch of 32, 28 Euler steps, 1 thread)", "",
-             "NFE and work are counts (exact): work = block evaluations per image of the main network (the weak "
+             "NFE and work are counts (exact): NFE = network passes run per image (naive S²'s coinciding masks "
+             "in a step run once), work = block evaluations per image of the main network (the weak "
              "network's are listed apart: Autoguidance's weak model is 2/3 as wide). Time: median [min, max] of "
              f"{repeats} runs, methods interleaved; ×CFG = the same over each repeat's ratio to CFG's run in that "
              f"repeat. Peak RSS during sampling (model weights included): median [min, max] of {memory_repeats} "
@@ -577,9 +620,38 @@ def cost(run: Runner, folder: Path, repeats: int = 6, memory_repeats: int = 5) -
                      f"(×{r['block_rows'] / c['block_rows']:.3f}) | {r['weak_block_rows']:.0f} | "
                      f"{_median_range(r['seconds_per_image'], 3)} | {_median_range(t_ratio, 2, '×')} | "
                      f"{_median_range(r['peak_rss_mb'], 0)} | {_median_range(m_ratio, 3, '×')} |")
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "cost.json").write_text(json.dumps(rows, indent=1))
+    again = f"python experiments/claims/claims.py cost --model {run.model}"
+    lines += ["", f"Regenerate: `{again}` (measuring took {data['measured_minutes']:.0f} min here, the shared 2-core "
+              "machine; the measurements are kept in cost.json and reused: delete it to measure again)."]
+    (folder / "commands.sh").write_text(again + "\n")
     write(folder, "table.md", "\n".join(lines) + "\n")
+    cost_plot(rows, folder / "plot.png", f"cost per method ({run.model}), ratio to CFG: median and [min, max]")
+
+
+def cost_plot(rows: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c = rows["cfg"]
+    names = list(rows)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for j, (key, label) in enumerate([("seconds_per_image", "wall time"), ("peak_rss_mb", "peak RSS")]):
+        ratios = [np.array(rows[n][key]) / np.array(c[key]) for n in names]
+        med = np.array([np.median(r) for r in ratios])
+        err = np.array([med - [r.min() for r in ratios], [r.max() for r in ratios] - med])
+        ax.bar(np.arange(len(names)) + (j - 0.5) * 0.4, med, 0.4, yerr=err, capsize=2, label=label)
+    ax.plot(np.arange(len(names)), [rows[n]["block_rows"] / c["block_rows"] for n in names], "k_", ms=14,
+            label="block work, main network (count)")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xticks(np.arange(len(names)), names, rotation=40, ha="right", fontsize=8)
+    ax.set_ylabel("× CFG")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
 
 
 ITEMS = {"best": best, "fixed": fixed, "blocks": blocks, "sweeps": sweeps, "subnetworks": subnetworks,
