@@ -256,6 +256,9 @@ def test_half_sample_interval_keeps_clusters_whole_and_arrays_aligned():
     count, mean = half_sample_interval(check, a, b, clusters=prompts, n_halves=20)
     assert count.mean == 10 and count.se == 0.0 and count.lo == count.hi == 10  # every half keeps 5 of 10 prompts
     assert mean.mean == pytest.approx(14.5) and mean.lo < 14.5 < mean.hi
+    cut = half_sample_interval(lambda x, y: float(x.mean()) / 29, a, b, clusters=prompts, n_halves=20,
+                               bounds=(0, 0.51))  # a rate's interval stops at its range
+    assert cut.hi == 0.51 and cut.lo == pytest.approx(mean.lo / 29) and cut.se == pytest.approx(mean.se / 29)
 
 
 def test_half_sample_interval_matches_the_spread_of_precision_and_recall():

@@ -23,6 +23,11 @@ Protocol (fixed before any test run):
 - the report on TEST (the first 200 test prompts x seeds 0, 1, 2 = 600 images per method), paired against CFG;
 - ablations (items 3-8) on ABLATION (the first 100 test prompts x seeds 0, 1, 2), around S²'s val-selected
   setting; nothing is chosen on them.
+
+Every table number carries its 95% interval over prompts (see INTERVALS); runs written before precision/recall
+had intervals are rescored from their saved features once (fidelity_rescored.json), and paired differences are
+cached next to the run (paired_vs_*.json), so rebuilding every table from finished runs takes minutes. The cost
+item keeps its measurements in cost.json, reused likewise.
 """
 from __future__ import annotations
 
@@ -179,6 +184,8 @@ def fidelity(run: Path) -> dict:
     those intervals existed, recomputed from the saved features (cached as fidelity_rescored.json)."""
     f = metrics(run)["fidelity"]
     if "precision_interval" in f:
+        for key in ("precision_interval", "recall_interval"):  # runs written before the cut to [0, 1]
+            f[key] = dict(f[key], lo=max(f[key]["lo"], 0.0), hi=min(f[key]["hi"], 1.0))
         return f
     cache = run / "fidelity_rescored.json"
     if not cache.is_file():

@@ -185,7 +185,8 @@ def fidelity_summary(gen: np.ndarray, ref: np.ndarray, ref2: np.ndarray, cluster
            "n_reference": int(len(ref)), "k": k}
     if len(set(clusters.tolist())) >= 4:
         p, r = stats.half_sample_interval(lambda g, f: stats.precision_recall(f, g, k=k), gen, ref,
-                                          clusters=clusters, level=level, n_halves=n_halves, seed=seed)
+                                          clusters=clusters, level=level, n_halves=n_halves, seed=seed,
+                                          bounds=(0.0, 1.0))
         out["precision_interval"], out["recall_interval"] = p.as_dict(), r.as_dict()
     if seeds is not None and len(set(seeds.tolist())) > 1:
         per = {str(s): [float(v) for v in stats.precision_recall(ref[seeds == s], gen[seeds == s], k=k)]

@@ -282,7 +282,8 @@ def bootstrap_statistic(fn: Callable[..., float], *arrays, clusters=None, n_boot
 
 
 def half_sample_interval(fn: Callable[..., float | tuple], *arrays, clusters, level: float = 0.95,
-                         n_halves: int = 100, seed: int = 0) -> Interval | list[Interval]:
+                         n_halves: int = 100, seed: int = 0,
+                         bounds: tuple[float, float] | None = None) -> Interval | list[Interval]:
     """fn(*arrays) with a normal interval mean ± z·se, se from the delete-half jackknife over clusters.
 
     Each of `n_halves` replicates keeps a random half of the clusters (all rows of a kept prompt, in every array,
@@ -292,7 +293,8 @@ def half_sample_interval(fn: Callable[..., float | tuple], *arrays, clusters, le
     a bootstrap's duplicates break, such as k-NN precision/recall. On Gaussian sets with prompt-correlated rows
     its se came out 0.9-1.4× the spread over independent draws (tests/test_eval_stats.py); the delete-one
     jackknife's 1.5-1.7× (too wide), a bootstrap of the indicators with the k-NN manifolds held fixed 0.75×.
-    fn may return a tuple of statistics; then a list of Intervals comes back, one per statistic.
+    fn may return a tuple of statistics; then a list of Intervals comes back, one per statistic. `bounds`: the
+    statistic's range (e.g. (0, 1) for a rate); the interval is cut to it, the se is kept as measured.
     """
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level}")
@@ -317,6 +319,8 @@ def half_sample_interval(fn: Callable[..., float | tuple], *arrays, clusters, le
         reps.append(np.atleast_1d(np.asarray(fn(*(a[rows] for a in arrays)), dtype=float)))
     se = np.sqrt(kept / deleted * np.var(np.stack(reps), axis=0, ddof=1))
     z = NormalDist().inv_cdf((1 + level) / 2)
-    out = [Interval(float(p), float(p - z * s), float(p + z * s), n, groups.size, level, se=float(s))
+    lo_bound, hi_bound = bounds if bounds is not None else (-np.inf, np.inf)
+    out = [Interval(float(p), float(max(p - z * s, lo_bound)), float(min(p + z * s, hi_bound)), n, groups.size,
+                    level, se=float(s))
            for p, s in zip(np.atleast_1d(full), se)]
     return out if full.ndim else out[0]
