@@ -1,0 +1,3 @@
+python scripts/evaluate.py model=tiny_early prompts=test num_prompts=100 seeds=[0,1,2] guidance=cfg progress=false guidance.scale=6 hydra.run.dir=experiments/claims/runs/tiny_early/ablation/cfg_scale=6
+python scripts/evaluate.py model=tiny_early prompts=test num_prompts=100 seeds=[0,1,2] guidance=s2 progress=false guidance.scale=6 guidance.omega=0.25 hydra.run.dir=experiments/claims/runs/tiny_early/ablation/s2_scale=6_omega=0.25
+python scripts/evaluate.py model=tiny_early prompts=test num_prompts=100 seeds=[0,1,2] guidance=s2 progress=false guidance.scale=6 guidance.omega=0.25 guidance.form=appendix hydra.run.dir=experiments/claims/runs/tiny_early/ablation/s2_scale=6_omega=0.25_form=appendix
