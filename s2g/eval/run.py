@@ -146,7 +146,7 @@ def evaluate(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None,
         metrics["fidelity"] = fidelity_summary(feats.numpy(), ref, ref2, clusters, n_boot=int(boot.fd_n),
                                                seeds=np.array([r["seed"] for r in rows]),
                                                level=float(boot.level), seed=int(boot.seed),
-                                               n_halves=int(boot.get("pr_halves", 100)))
+                                               n_halves=int(boot.pr_halves))
     metrics["extra"] = _extra_summary(extra, rows, parts, order, boot)
     total_seconds = sum(p["seconds"] for p in parts)
     metrics["cost"] = {"nfe_per_image": float(np.mean([r["nfe"] for r in rows])),
@@ -330,7 +330,7 @@ def pair(dirs, boot) -> dict:
     out_path = a["dir"] / f"paired_vs_{Path(str(dirs[1])).name}.json"
     if out_path.exists():
         raise FileExistsError(f"{out_path} exists; outputs are never overwritten")
-    res = paired(a, b, int(boot.n), float(boot.level), int(boot.seed), int(boot.fd_n), int(boot.get("pr_halves", 100)))
+    res = paired(a, b, int(boot.n), float(boot.level), int(boot.seed), int(boot.fd_n), int(boot.pr_halves))
     out_path.write_text(json.dumps(res, indent=1))
     for m in ("all", "count", "color", "shape", "relation", "frechet", "precision", "recall"):
         if m in res:
@@ -381,9 +381,8 @@ def gather(sweep: Path, baseline: str | None = None) -> list[dict]:
         if f:
             row.update(frechet=f["frechet"]["mean"], frechet_lo=f["frechet"]["lo"], frechet_hi=f["frechet"]["hi"],
                        frechet_floor=f["frechet_floor"], precision=f["precision"], recall=f["recall"])
-            for k in ("precision", "recall"):
-                if f"{k}_interval" in f:
-                    row[f"{k}_lo"], row[f"{k}_hi"] = f[f"{k}_interval"]["lo"], f[f"{k}_interval"]["hi"]
+            for k in ("precision", "recall"):  # runs written before these intervals show the value alone
+                row[f"{k}_lo"], row[f"{k}_hi"] = (f.get(f"{k}_interval", {}).get(b) for b in ("lo", "hi"))
         row.update(nfe=m["cost"]["nfe_per_image"], seconds_per_image=m["cost"]["seconds_per_image"],
                    n_images=m["n_images"])
         if base is not None and d.name != str(baseline):
@@ -407,9 +406,7 @@ def gather(sweep: Path, baseline: str | None = None) -> list[dict]:
         cells = [f"{r['run']} ({r['overrides']})" if r["overrides"] else r["run"], iv("all"), iv("count"), iv("color"),
                  iv("shape"), iv("relation"), iv("relation_given_found"), iv("flipped_given_found"),
                  f"{r['frechet']:.2f} ({r['frechet_floor']:.2f})" if "frechet" in r else "",
-                 iv("precision") if "precision_lo" in r else f"{r.get('precision', float('nan')):.3f}"
-                 if "precision" in r else "",
-                 iv("recall") if "recall_lo" in r else f"{r.get('recall', float('nan')):.3f}" if "recall" in r else "",
+                 iv("precision"), iv("recall"),
                  f"{r['nfe']:.0f}", f"{r['seconds_per_image']:.3f}"]
         if base:
             cells += [f"{r['d_all']:+.3f} [{r['d_all_lo']:+.3f}, {r['d_all_hi']:+.3f}]" if "d_all" in r else "—",

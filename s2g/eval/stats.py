@@ -197,6 +197,17 @@ def _check_level(level: float, n_boot: int):
         raise ValueError(f"n_boot must be ≥ 1, got {n_boot}")
 
 
+def _aligned(arrays, who: str) -> tuple[list[np.ndarray], int]:
+    """numpy copies of `arrays`, checked to share their first dimension (their rows are resampled together)."""
+    if not arrays:
+        raise ValueError(f"{who} needs at least one array")
+    arrays = [a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a) for a in arrays]
+    n = len(arrays[0])
+    if any(len(a) != n for a in arrays):
+        raise ValueError(f"arrays must share their first dimension, got {[len(a) for a in arrays]}")
+    return arrays, n
+
+
 def _percentile_interval(point: float, boot: np.ndarray, n: int, n_clusters: int, level: float) -> Interval:
     lo, hi = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2])
     return Interval(float(point), float(lo), float(hi), n, n_clusters, level)
@@ -262,12 +273,7 @@ def bootstrap_statistic(fn: Callable[..., float], *arrays, clusters=None, n_boot
     sit at distance 0 from each other and shrink the k-NN radii.
     """
     _check_level(level, n_boot)
-    if not arrays:
-        raise ValueError("bootstrap_statistic needs at least one array")
-    arrays = [a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a) for a in arrays]
-    n = len(arrays[0])
-    if any(len(a) != n for a in arrays):
-        raise ValueError(f"arrays must share their first dimension, got {[len(a) for a in arrays]}")
+    arrays, n = _aligned(arrays, "bootstrap_statistic")
     groups = _Clusters(clusters, n)
     picked = groups.draw(np.random.default_rng(seed), n_boot)
     boot = np.empty(n_boot)
@@ -278,7 +284,6 @@ def bootstrap_statistic(fn: Callable[..., float], *arrays, clusters=None, n_boot
     if recenter:
         boot = boot - (boot.mean() - point)
     return _percentile_interval(point, boot, n, groups.size, level)
-
 
 
 def half_sample_interval(fn: Callable[..., float | tuple], *arrays, clusters, level: float = 0.95,
@@ -296,16 +301,10 @@ def half_sample_interval(fn: Callable[..., float | tuple], *arrays, clusters, le
     fn may return a tuple of statistics; then a list of Intervals comes back, one per statistic. `bounds`: the
     statistic's range (e.g. (0, 1) for a rate); the interval is cut to it, the se is kept as measured.
     """
-    if not 0 < level < 1:
-        raise ValueError(f"level must be in (0, 1), got {level}")
+    _check_level(level, 1)
     if n_halves < 2:
         raise ValueError(f"n_halves must be ≥ 2, got {n_halves}")
-    arrays = [a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a) for a in arrays]
-    if not arrays:
-        raise ValueError("half_sample_interval needs at least one array")
-    n = len(arrays[0])
-    if any(len(a) != n for a in arrays):
-        raise ValueError(f"arrays must share their first dimension, got {[len(a) for a in arrays]}")
+    arrays, n = _aligned(arrays, "half_sample_interval")
     groups = _Clusters(clusters, n)
     if groups.size < 4:
         raise ValueError("the delete-half jackknife needs at least 4 clusters")
