@@ -95,7 +95,8 @@ def split_components(state_dict: Mapping[str, torch.Tensor]) -> dict[str, dict[s
 # ------------------------------------------------------------------------------------------------ MMDiT loading
 ORIGINAL_PREFIX = COMPONENT_PREFIXES["mmdit"]
 
-# diffusers name -> original name, for tensors that map one to one (reference/sd3.md 2.3).
+# diffusers name -> original name, for tensors that map one to one (the inverse of diffusers'
+# `convert_sd3_transformer_checkpoint_to_diffusers` in `loaders/single_file_utils.py`).
 _DIFFUSERS_TOP = {
     "pos_embed.proj": "x_embedder.proj",
     "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
@@ -203,7 +204,9 @@ def _indices(sd: Mapping[str, torch.Tensor], marker: str = "") -> list[int]:
 
 
 def infer_config(sd: Mapping[str, torch.Tensor], heads: int | None = None, name: str = "state dict"):
-    """MMDiTConfig from tensor shapes alone (original layout, bare keys); reference/sd3.md 2.4.
+    """MMDiTConfig from tensor shapes alone (original layout, bare keys): patch, width and input channels
+    from `x_embedder.proj.weight`, depth from the highest `joint_blocks.N`, the position grid from `pos_embed`,
+    qk-norm (and then the head count) from `ln_q`, the dual-attention blocks from `attn2` keys.
 
     The head count is not visible in the shapes of a model without qk-norm: `heads` (default hidden/64, the
     head size of every released model) fills that gap."""

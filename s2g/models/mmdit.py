@@ -2,9 +2,11 @@
 
 One file, read top to bottom: embedders, one stream of a joint block, the joint block, the final layer, the model.
 Parameter names follow the original single-file checkpoints (`joint_blocks.N.x_block.attn.qkv.weight`, ...), so
-those load with no renaming; checkpoint.py maps the diffusers layout onto them. Facts and traps:
-../../shared/reference/sd3.md sections 1 and 6 (LayerNorm eps 1e-6 without affine, tanh GELU, cos-then-sin
-timestep features, adaLN chunk order shift/scale/gate).
+those load with no renaming; checkpoint.py maps the diffusers layout onto them. The forward follows
+Stability-AI/sd3.5 `mmditx.py` and diffusers `models/transformers/transformer_sd3.py`; the details that break
+parity when wrong: every LayerNorm is affine-free with eps 1e-6, the MLP uses the tanh GELU, the timestep
+features are cos-then-sin in fp32, and adaLN chunks come in the order shift, scale, gate (the final layer's
+shift before scale).
 
 The call is the Denoiser seam: `model(x, sigma, context, pooled, skip=())` -> velocity v = eps - x0, where
 x_sigma = (1 - sigma) x0 + sigma eps and the network sees the timestep 1000 * sigma. `skip` is a set of blocks
@@ -54,7 +56,7 @@ class MMDiTConfig:
         return self.hidden // self.heads
 
 
-# The released models (reference/sd3.md 1.1); heads = depth, head_dim 64 in all three.
+# The released models (their diffusers config.json files); heads = depth, head_dim 64 in all three.
 CONFIGS = {
     "sd3_medium": MMDiTConfig(depth=24, hidden=1536, heads=24, pos_embed_max_size=192),
     "sd35_medium": MMDiTConfig(depth=24, hidden=1536, heads=24, pos_embed_max_size=384, qk_norm=True,

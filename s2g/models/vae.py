@@ -1,4 +1,4 @@
-"""The SD3 / SD3.5 autoencoder: a 16-channel KL VAE with 8x spatial compression (reference/sd3.md §3).
+"""The SD3 / SD3.5 autoencoder: a 16-channel KL VAE with 8x spatial compression.
 
 Parameter names follow the original (LDM / Stability) layout -- `encoder.down.k.block.j...`, `decoder.up.k...`,
 `mid.attn_1.q` as 1x1 convs -- so a standalone `vae.safetensors` or the `first_stage_model.` part of a single-file

@@ -1,4 +1,4 @@
-"""CLIP text transformer: OpenAI CLIP-L/14 and OpenCLIP bigG/14, as SD3 uses them (reference/sd3.md §4).
+"""CLIP text transformer: OpenAI CLIP-L/14 and OpenCLIP bigG/14, as SD3 uses them.
 
 Parameter names are the HF-transformers ones (`text_model.encoder.layers.N.self_attn.q_proj` ...), which is how
 SD3's `clip_l.safetensors` / `clip_g.safetensors` and diffusers' `text_encoder(_2)` folders store them.

@@ -1,4 +1,5 @@
-"""SD3 text conditioning: prompts -> (context [B, 77+L_t5, 4096], pooled [B, 2048]) (reference/sd3.md §4).
+"""SD3 text conditioning: prompts -> (context [B, 77+L_t5, 4096], pooled [B, 2048]) (as Stability-AI/sd3.5
+`sd3_impls.py` and diffusers' `StableDiffusion3Pipeline` build it).
 
     lg      = concat(CLIP-L penultimate, CLIP-G penultimate)        [B, 77, 768+1280]
     context = concat(zero-pad(lg, to 4096 features), T5 hidden)     [B, 77+L_t5, 4096]   (tokens axis)
@@ -86,7 +87,7 @@ def load_sd3_text(*, clip_l, clip_g, clip_vocab, clip_merges, t5=None, t5_spiece
         t5 = read_state_dict(t5)  # memory-mapped; read first to see the stored dtype
         t5_dtype = t5_dtype or dtype or next(v.dtype for v in t5.values() if v.is_floating_point())
         if t5_dtype == torch.float16:
-            t5_dtype = torch.bfloat16  # T5 activations overflow fp16 (reference/sd3.md §6.10)
+            t5_dtype = torch.bfloat16  # T5 activations overflow fp16 (HF transformers clamps them in fp16)
         enc_t5 = load_t5(t5, dtype=t5_dtype, device=device)
         tok_t5 = T5Tokenizer(t5_spiece, max_length=t5_length)
     return SD3TextConditioner(enc_l, enc_g, tok_l, tok_g, enc_t5, tok_t5, t5_length=t5_length,

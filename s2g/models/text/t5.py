@@ -1,4 +1,4 @@
-"""T5-v1.1 encoder (SD3 uses the XXL one: 24 layers, d_model 4096, 64 heads; reference/sd3.md §4).
+"""T5-v1.1 encoder (SD3 uses the XXL one: 24 layers, d_model 4096, 64 heads).
 
 HF-transformers key names (`encoder.block.N.layer.0.SelfAttention.q` ...). Three T5 peculiarities matter for
 parity: attention logits are *not* scaled by 1/sqrt(d) (the scale is folded into the trained weights); a learned
