@@ -115,7 +115,8 @@ from s2g.models.mmdit import CONFIGS, MMDiTConfig  # noqa: E402
 
 
 def spec_original_shapes(depth, D, P, qk_norm, dual=(), C=16, ctx=4096, pooled=2048, p=2, head_dim=64):
-    """Meta tensors shaped as reference/sd3.md 2.1 lists the original single-file keys (independent of MMDiT)."""
+    """Meta tensors shaped as the original single-file keys of Stability-AI/sd3.5 `mmditx.py` (independent of
+    MMDiT)."""
     s = {"pos_embed": (1, P * P, D), "x_embedder.proj.weight": (D, C, p, p), "x_embedder.proj.bias": (D,),
          "t_embedder.mlp.0.weight": (D, 256), "t_embedder.mlp.0.bias": (D,),
          "t_embedder.mlp.2.weight": (D, D), "t_embedder.mlp.2.bias": (D,),
@@ -144,7 +145,8 @@ def spec_original_shapes(depth, D, P, qk_norm, dual=(), C=16, ctx=4096, pooled=2
     return {k: torch.empty(v, device="meta", dtype=torch.bfloat16) for k, v in s.items()}
 
 
-RELEASED = {  # name: (spec shapes kwargs, original key count, parameters without pos_embed; reference/sd3.md)
+RELEASED = {  # name: (spec shapes kwargs, original key count, parameters without pos_embed; counted on the
+    # released configurations)
     "sd3_medium": (dict(depth=24, D=1536, P=192, qk_norm=False), 491, 2.028e9),
     "sd35_medium": (dict(depth=24, D=1536, P=384, qk_norm=True, dual=range(13)), 665, 2.243e9),
     "sd35_large": (dict(depth=38, D=2432, P=192, qk_norm=True), 923, 8.057e9),

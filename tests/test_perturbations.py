@@ -49,7 +49,7 @@ def test_identity_attention_equals_diffusers_pag_joint_processor():
 
 def _seg_hooked(ref, layer, sigma, blur):
     """diffusers' SEG hook on `layer`'s image queries (to_q). Its finite / infinite branches are swapped
-    (reference/guidance.md §8): threshold 0 makes it blur at `sigma`, a finite sigma gives the mean."""
+    (a diffusers 0.42 bug): threshold 0 makes it blur at `sigma`, a finite sigma gives the mean."""
     from diffusers.hooks.smoothed_energy_guidance_utils import (SmoothedEnergyGuidanceConfig,
                                                                _apply_smoothed_energy_guidance_hook)
     _apply_smoothed_energy_guidance_hook(ref, SmoothedEnergyGuidanceConfig([layer]), sigma)

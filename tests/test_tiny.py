@@ -223,7 +223,7 @@ def _colour_column(img: torch.Tensor, colour: str) -> float | None:
 
 @pytest.mark.parametrize("model", ["tiny", "tiny_early"])
 def test_shipped_models_place_objects_by_word_order(model):
-    """v2's point (issue 9): the first-named object goes where the relation says. v1 put it on either side at
+    """v2's point: the first-named object goes where the relation says. v1 put it on either side at
     chance; here red is left of blue in (nearly) every sample when asked, and right of it when the order is
     swapped."""
     from hydra import compose, initialize_config_dir

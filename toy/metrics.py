@@ -1,4 +1,4 @@
-"""Distances of class-conditional samples to the exact mixture (reference/toy.md §3).
+"""Distances of class-conditional samples to the exact mixture.
 
 Every metric is computed per class against that class's exact distribution and then averaged over classes;
 samples are float64 numpy arrays [n, d]. W1 is integrated against the exact CDF (no reference sample, so no

@@ -7,8 +7,8 @@ S = a²s² + σ² (every component has the same std s), so the posterior over co
 
     E[x0 | x_σ] = (a·s²/S)·x + (σ²/S)·Σ_k r_k(x)·μ_k,     v = (x - E[x0 | x_σ]) / σ
 
-(reference/toy.md §2). Everything is computed in float64 with log-sum-exp, so it stays exact at σ → 0 and far
-from the modes. A class-conditional quantity uses only that class's components; the null label (= number of
+Everything is computed in float64 with log-sum-exp, so it stays exact at σ → 0 and far from the modes.
+A class-conditional quantity uses only that class's components; the null label (= number of
 classes) means the unconditional, class-balanced mixture.
 """
 from __future__ import annotations

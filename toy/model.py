@@ -6,7 +6,7 @@ sub-networks and skip-layer guidance need. The conditioning e = embed(σ) + embe
 in a DiT), so dropping a block also drops some conditioning. The label table has one extra row, the null label,
 trained by label dropout: the unconditional model CFG needs is the same network.
 
-Training (reference/toy.md §4): exact mixture samples, σ ~ U(0, 1), target v = ε - x0, Adam with a linear
+Training: exact mixture samples, σ ~ U(0, 1), target v = ε - x0, Adam with a linear
 warm-up (100 iterations, at most 10% of the run) and cosine decay, and an EMA of the weights (the EMA is what
 samples). `iterations` and `width` are the
 model-quality knob; the Autoguidance weak model is the same recipe at half the width and 1/8 the iterations.

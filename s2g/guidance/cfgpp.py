@@ -1,7 +1,7 @@
 """CFG++ (Chung et al., ICLR 2025): guide the denoised estimate with a small λ, renoise with the *unconditional* ε.
 
 In rectified-flow Euler form x' = (1-σ')·D_λ + σ'·ε_u, which equals Euler-CFG with the per-step scale
-w_eff = λ·σ(1-σ')/(σ-σ') (reference/guidance.md §2). Expressed as an estimate (x̂0 = D_λ, ε̂ = ε_u) it needs no
+w_eff = λ·σ(1-σ')/(σ-σ') (substitute ε_u = x + (1-σ)·v_u and compare with x + (σ'-σ)·v_cfg). Expressed as an estimate (x̂0 = D_λ, ε̂ = ε_u) it needs no
 sampler of its own.
 """
 from .base import COND, UNCOND, Estimate, Guider, check_scale, denoised, noise

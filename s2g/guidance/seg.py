@@ -4,7 +4,8 @@ PAG's algebra, D = D_u + w·(D_c - D_u) + s·(D_c - D_seg), with the perturbed p
 tokens; > 9999 means infinite: every query becomes the mean, uniform attention over the keys). Defaults are
 diffusers' SmoothedEnergyGuidance (w = 7.5, s = 2.8, blur σ = 9999999, steps int(start·N) < i < int(stop·N)
 with start 0, stop 1), with block 1 as for PAG (diffusers has no default layer). Note: diffusers 0.42 swaps its
-finite and infinite blur branches; this follows the official SEG code (reference/guidance.md §8).
+finite and infinite blur branches (`hooks/smoothed_energy_guidance_utils.py`: a finite σ gives the mean);
+this follows the official SEG code (SusungHong/SEG-SDXL).
 """
 from ..models.sweep import smoothed_attention
 from .pag import PerturbedAttentionGuidance
