@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The first measurement of the shipped embedded model (experiments/eval/README.md): test prompts 0-399, seeds 0 and
-# 1, 28 Euler steps; no guidance, CFG at 2 / 4 / 7.5, and S² at the paper's λ = 7.5 with ω = 0.25 (its default)
-# and ω = 1. One thread per process; ~45 min on the 2-core machine next to a training job.
-# Usage: bash experiments/eval/first_measurement.sh OUT_DIR
+# The first measurement of the v1 embedded model, since replaced by v2 (experiments/history/README.md): test
+# prompts 0-399, seeds 0 and 1, 28 Euler steps; no guidance, CFG at 2 / 4 / 7.5, and S² at the paper's λ = 7.5
+# with ω = 0.25 (its default) and ω = 1. One thread per process; ~45 min on the 2-core machine next to a training
+# job. Run today, it measures the shipped v2 model, not the v1 numbers committed beside it.
+# Usage: bash experiments/history/first_measurement/first_measurement.sh OUT_DIR
 set -euo pipefail
 OUT=${1:?usage: first_measurement.sh OUT_DIR}
 COMMON="prompts=test num_prompts=400 seeds=[0,1] save_images=true progress=false"

@@ -2,7 +2,7 @@
 k-NN radii). New runs carry this in metrics.json (`fidelity.precision_recall_per_seed`); the first measurement
 predates it, so this recomputes it from each run's features.safetensors and the same real renders.
 
-    python experiments/eval/pr_by_seed.py OUT.json RUN_DIR [RUN_DIR ...]
+    python experiments/history/first_measurement/pr_by_seed.py OUT.json RUN_DIR [RUN_DIR ...]
 """
 import json
 import sys
@@ -39,5 +39,5 @@ def main(out: Path, runs: list[Path]) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) < 3:
-        sys.exit("usage: python experiments/eval/pr_by_seed.py OUT.json RUN_DIR [RUN_DIR ...]")
+        sys.exit("usage: python experiments/history/first_measurement/pr_by_seed.py OUT.json RUN_DIR [RUN_DIR ...]")
     main(Path(sys.argv[1]), [Path(a) for a in sys.argv[2:]])
