@@ -1,4 +1,4 @@
-"""Networks and their checkpoint loaders (SD3 MMDiT, VAE, text encoders, the embedded tiny model).
+"""Networks and their checkpoint loaders (SD3 MMDiT, Wan 2.1 DiT, VAE, text encoders, the embedded tiny model).
 
 Imports are lazy so that `import s2g.models` stays cheap and one missing optional part never breaks another.
 """
@@ -8,6 +8,9 @@ _EXPORTS = {
     "MMDiT": ".mmdit",
     "load_mmdit": ".checkpoint",
     "load_state_dict": ".checkpoint",
+    "WanDiT": ".wan",
+    "WanConfig": ".wan",
+    "load_wan": ".checkpoint",
     "VAE": ".vae",
     "load_vae": ".vae",
 }

@@ -5,6 +5,7 @@ rather than a second copy in RAM. Pickle files (.ckpt/.pt/.pth/.bin) are refused
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Mapping
@@ -52,8 +53,28 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): {msg}") from None
 
 
+def _read_index(index: Path) -> dict[str, torch.Tensor]:
+    """The shards named by a `*.safetensors.index.json` ({"weight_map": {tensor: shard file}}), next to it."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{index}: not a safetensors index (no readable weight_map: {e})") from None
+    shards = sorted(set(weight_map.values()))
+    missing = [s for s in shards if not (index.parent / s).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{index}: shard files missing: {', '.join(missing[:3])}")
+    state = {}
+    for shard in shards:
+        state.update(_read_safetensors(index.parent / shard))
+    absent = sorted(set(weight_map) - set(state))
+    if absent:
+        raise ValueError(f"{index}: {len(absent)} tensors listed in the index are in no shard: {absent[:3]}")
+    return state
+
+
 def load_state_dict(source) -> dict[str, torch.Tensor]:
-    """Return a flat {name: tensor} dict from a `.safetensors` path, a folder of `.safetensors` shards, or a dict.
+    """Return a flat {name: tensor} dict from a `.safetensors` path, a `*.safetensors.index.json` (its shards), a
+    folder of `.safetensors` shards (through its index when it has exactly one), or a dict.
 
     Tensors from files are memory-mapped (no second copy is materialised)."""
     if isinstance(source, Mapping):
@@ -63,6 +84,10 @@ def load_state_dict(source) -> dict[str, torch.Tensor]:
     path = Path(source).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"file not found: {path}")
+    if path.name.endswith(".safetensors.index.json"):
+        return _read_index(path)
+    if path.is_dir() and len(indices := list(path.glob("*.safetensors.index.json"))) == 1:
+        return _read_index(indices[0])
     if path.is_dir():  # diffusers folder: one file or `*-0000k-of-0000n.safetensors` shards
         files = sorted(path.glob("*.safetensors"))
         if not files:
@@ -181,6 +206,8 @@ def _guess_architecture(keys: list[str]) -> str:
         return "looks like a Flux transformer"
     if has("text_model.", "encoder.block.", "shared.", "text_encoders."):
         return "looks like a text encoder"
+    if has("blocks.0.self_attn.", "blocks.0.attn1.", "model.diffusion_model.blocks.0.self_attn."):
+        return "looks like a Wan DiT: load it with load_wan"
     return "unknown architecture"
 
 
@@ -286,11 +313,13 @@ def _first(names, n=5) -> str:
     return ", ".join(names[:n]) + (f" (+{len(names) - n} more)" if len(names) > n else "")
 
 
-def build_with_weights(make, sd: dict[str, torch.Tensor], *, what: str, dtype=None, device=None):
+def build_with_weights(make, sd: dict[str, torch.Tensor], *, what: str, dtype=None, device=None,
+                       keep_fp32: tuple[str, ...] = ()):
     """`make()` built on the meta device, then given exactly the tensors of `sd` (every key, every shape).
 
     Tensors are assigned, not copied, so a memory-mapped file is not duplicated when dtype and device already
-    match. `what` starts each error message. Returned frozen, in eval mode."""
+    match. Tensors whose name contains one of `keep_fp32` become fp32 instead of `dtype`. `what` starts each
+    error message. Returned frozen, in eval mode."""
     with torch.device("meta"):
         model = make()
     expected = model.state_dict()
@@ -303,8 +332,8 @@ def build_with_weights(make, sd: dict[str, torch.Tensor], *, what: str, dtype=No
         if sd[key].shape != ref.shape:
             raise ValueError(f"{what}: tensor {key} has shape {list(sd[key].shape)}, expected {list(ref.shape)}")
     dtype = dtype or next(t.dtype for t in sd.values() if t.is_floating_point())
-    sd = {k: t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device=device)
-          for k, t in sd.items()}
+    sd = {k: t.to(device=device, dtype=torch.float32 if any(m in k for m in keep_fp32) else dtype)
+          if t.is_floating_point() else t.to(device=device) for k, t in sd.items()}
     model.load_state_dict(sd, strict=True, assign=True)
     return model.requires_grad_(False).eval()
 
@@ -323,3 +352,130 @@ def load_mmdit(source, *, dtype: torch.dtype | None = None, device=None, heads: 
     config = infer_config(sd, heads, name)
     return build_with_weights(lambda: MMDiT(config), sd, what=f"{name}: checkpoint does not match the inferred MMDiT",
                               dtype=dtype or sd["x_embedder.proj.weight"].dtype, device=device)
+
+
+# -------------------------------------------------------------------------------------------------- Wan loading
+# diffusers WanTransformer3DModel module -> original Wan module. Every tensor maps one to one (no reshape, no
+# chunk swap): the inverse of diffusers' `convert_wan_transformer_to_diffusers` (loaders/single_file_utils.py).
+# diffusers calls the cross-attention norm `norm2` where Wan says `norm3` (Wan's norm2 is the FFN's, no weights).
+WAN_DIFFUSERS_TOP = {
+    "condition_embedder.text_embedder.linear_1": "text_embedding.0",
+    "condition_embedder.text_embedder.linear_2": "text_embedding.2",
+    "condition_embedder.time_embedder.linear_1": "time_embedding.0",
+    "condition_embedder.time_embedder.linear_2": "time_embedding.2",
+    "condition_embedder.time_proj": "time_projection.1",
+    "patch_embedding": "patch_embedding",
+    "proj_out": "head.head",
+    "scale_shift_table": "head.modulation",
+}
+WAN_DIFFUSERS_BLOCK = {
+    **{f"attn{n}.{a}": f"{attn}.{b}" for n, attn in ((1, "self_attn"), (2, "cross_attn"))
+       for a, b in (("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "o"),
+                    ("norm_q", "norm_q"), ("norm_k", "norm_k"))},
+    "norm2": "norm3",
+    "ffn.net.0.proj": "ffn.0",
+    "ffn.net.2": "ffn.2",
+    "scale_shift_table": "modulation",
+}
+# Image-to-video / first-last-frame parts (CLIP image tokens), which this T2V model does not have.
+_WAN_I2V_MARKERS = ("img_emb.", ".k_img.", ".v_img.", ".norm_k_img.", "image_embedder.", ".add_k_proj.",
+                    ".add_v_proj.", ".norm_added_k.")
+
+
+def _rename(name: str, table: Mapping[str, str]) -> str | None:
+    """`name` with its leading module renamed by `table` (whole dotted components only), or None."""
+    for src, dst in table.items():
+        if name == src or name.startswith(src + "."):
+            return dst + name[len(src):]
+    return None
+
+
+def wan_diffusers_to_original(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a diffusers `WanTransformer3DModel` state dict to the original Wan layout; unknown keys keep their
+    name (so they are reported)."""
+    out = {}
+    for key, t in sd.items():
+        block, n, rest = key.split(".", 2) if key.count(".") >= 2 else ("", "", "")
+        if block == "blocks" and n.isdigit() and (new := _rename(rest, WAN_DIFFUSERS_BLOCK)):
+            out[f"blocks.{n}.{new}"] = t
+        else:
+            out[_rename(key, WAN_DIFFUSERS_TOP) or key] = t
+    return out
+
+
+def _wan_original_layout(sd: Mapping[str, torch.Tensor], name: str) -> tuple[dict[str, torch.Tensor], str]:
+    """(Wan DiT tensors in the original bare layout, layout name). A `model.diffusion_model.` prefix (ComfyUI
+    repackaged files) is stripped and other components in the file dropped."""
+    if any(k.startswith(ORIGINAL_PREFIX) for k in sd):
+        sd = split_components(sd)["mmdit"]
+    keys = list(sd)
+    if any(k.startswith(("joint_blocks.", "transformer_blocks.")) for k in keys):
+        raise ValueError(f"{name}: not a Wan DiT checkpoint (looks like an SD3/SD3.5 MMDiT: load it with "
+                         f"load_mmdit)")
+    i2v = sorted(k for k in keys if any(m in f".{k}" for m in _WAN_I2V_MARKERS))
+    if i2v:
+        raise ValueError(f"{name}: a Wan image-to-video checkpoint ({len(i2v)} image-conditioning tensors, e.g. "
+                         f"{i2v[0]}); only the text-to-video DiT is supported")
+    if "head.modulation" in sd and any(k.startswith("blocks.") and ".self_attn." in k for k in keys):
+        return dict(sd), "original"
+    if "condition_embedder.time_proj.weight" in sd and any(k.startswith("blocks.") and ".attn1." in k for k in keys):
+        return wan_diffusers_to_original(sd), "diffusers"
+    raise ValueError(f"{name}: not a Wan DiT checkpoint ({_guess_architecture(keys)}; {len(keys)} tensors, "
+                     f"first keys: {', '.join(keys[:3]) or 'none'})")
+
+
+def infer_wan_config(sd: Mapping[str, torch.Tensor], heads: int | None = None, text_len: int | None = 512,
+                     name: str = "state dict"):
+    """WanConfig from tensor shapes (original layout, bare keys): width, input channels and the 3-D patch from
+    `patch_embedding.weight`, text and time-feature widths from the embeddings, depth from the highest
+    `blocks.N`, ffn width from `blocks.0.ffn.0`, output channels from `head.head`, qk-norm and the cross-attention
+    norm from the presence of their weights.
+
+    Two things are not in the tensors: the head count (the qk-norm spans all heads) — `heads` (default dim/128,
+    the head size of both released models) — and the text length the contexts are padded to (`text_len`, Wan:
+    512; None: no padding)."""
+    from .wan import WanConfig
+
+    def need(key):
+        if key not in sd:
+            raise ValueError(f"{name}: cannot infer the Wan configuration, missing tensor {key!r}")
+        return sd[key].shape
+
+    shape = need("patch_embedding.weight")
+    if len(shape) != 5:
+        raise ValueError(f"{name}: patch_embedding.weight has shape {list(shape)}, expected a Conv3d (5 dims)")
+    D, in_dim, *patch = shape
+    blocks = sorted({int(k.split(".")[1]) for k in sd if k.startswith("blocks.") and k.split(".")[1].isdigit()})
+    if not blocks or blocks != list(range(blocks[-1] + 1)):
+        raise ValueError(f"{name}: blocks indices are not 0..N-1: {blocks[:5]}...")
+    if heads is None:
+        if D % 128:
+            raise ValueError(f"{name}: dim {D} is not a multiple of 128 (Wan's head size); pass heads= explicitly")
+        heads = D // 128
+    if D % heads:
+        raise ValueError(f"{name}: dim {D} is not divisible by heads={heads}")
+    return WanConfig(
+        dim=D, num_layers=len(blocks), num_heads=heads, ffn_dim=need("blocks.0.ffn.0.weight")[0], in_dim=in_dim,
+        out_dim=need("head.head.weight")[0] // math.prod(patch), text_dim=need("text_embedding.0.weight")[1],
+        freq_dim=need("time_embedding.0.weight")[1], patch_size=tuple(patch), text_len=text_len,
+        qk_norm="blocks.0.self_attn.norm_q.weight" in sd, cross_attn_norm="blocks.0.norm3.weight" in sd)
+
+
+def load_wan(source, *, dtype: torch.dtype | None = None, device=None, heads: int | None = None,
+             text_len: int | None = 512):
+    """Build a `WanDiT` (Wan 2.1 text-to-video) from a checkpoint whose layout and hyper-parameters are read off
+    its tensors.
+
+    `source`: a `.safetensors` file (original Wan names, bare or under `model.diffusion_model.`, or diffusers
+    `WanTransformer3DModel` names), a `*.safetensors.index.json` or a folder of shards, or a state dict.
+    `heads` / `text_len`: see `infer_wan_config`. `dtype` defaults to the stored one; the time embedding,
+    modulation tables, cross-attention norm and head stay fp32 (`WanDiT.keep_fp32`). Returned frozen, in eval
+    mode, built on the meta device and given the (memory-mapped) tensors without a second copy where possible."""
+    from .wan import WanDiT
+
+    name = _source_name(source)
+    sd, _ = _wan_original_layout(load_state_dict(source), name)
+    config = infer_wan_config(sd, heads, text_len, name)
+    return build_with_weights(lambda: WanDiT(config), sd, what=f"{name}: checkpoint does not match the inferred Wan DiT",
+                              dtype=dtype or sd["patch_embedding.weight"].dtype, device=device,
+                              keep_fp32=WanDiT.keep_fp32)
