@@ -82,8 +82,13 @@ def parse_prompt(prompt: str) -> tuple[list[tuple[str, str]], str | None]:
     rel = "|".join(["and", *RELATIONS])
     m = re.fullmatch(rf"{obj}(?: ({rel}) {obj})?", " ".join(words))
     if m is None:
-        raise ValueError(f"prompt {prompt!r} is not in the scene grammar ('a <colour> <shape>' "
-                         f"[and|left of|right of|above|below 'a <colour> <shape>'])")
+        from .clips import MOTIONS  # here, not at the top: clips builds on this module
+
+        grammar = "('a <colour> <shape>' [and|left of|right of|above|below 'a <colour> <shape>'])"
+        if any(f" {phrase}" in f" {' '.join(words)}" for phrase in MOTIONS):
+            raise ValueError(f"prompt {prompt!r} is a video prompt (it names a motion); the scene grammar describes "
+                             f"still images {grammar}")
+        raise ValueError(f"prompt {prompt!r} is not in the scene grammar {grammar}")
     objects = [(m.group(1), m.group(2))]
     if m.group(3) is not None:
         objects.append((m.group(4), m.group(5)))
