@@ -21,7 +21,7 @@ from diffusers import WanTransformer3DModel  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TOL = 2e-5  # measured up to ~7e-6 on outputs ~4: Wan's float64 time features against diffusers' fp32 ones
+TOL = 2e-5  # measured up to 1.1e-5 on outputs ~4-6: our (Wan's) float64 time features against diffusers' fp32 ones
 
 # name -> (diffusers kwargs, heads given to the loader, latent (F, H, W) sizes)
 CASES = {
@@ -106,8 +106,8 @@ def case(request):
 def test_parity_from_diffusers_layout_file(case, tmp_path):
     name, ref = case
     save_file(ref.state_dict(), tmp_path / "diffusion_pytorch_model.safetensors")
-    assert_parity(load_wan(tmp_path / "diffusion_pytorch_model.safetensors", heads=CASES[name][1], text_len=None),
-                  ref, name)
+    for source in (tmp_path / "diffusion_pytorch_model.safetensors", tmp_path):  # the file, or its folder
+        assert_parity(load_wan(source, heads=CASES[name][1], text_len=None), ref, name)
 
 
 def test_parity_from_original_layout_shards(case, tmp_path):
@@ -323,7 +323,7 @@ def test_half_precision_keeps_the_fp32_parts_and_stays_close():
         assert cast(x, sigma, context).dtype == torch.float32
     assert got.dtype == torch.float32
     rel = ((got - want).norm() / want.norm()).item()
-    assert rel < 3e-2, f"bf16: relative error {rel:.2e}"
+    assert rel < 1.5e-2, f"bf16: relative error {rel:.2e}"  # measured 4.9e-3 (diffusers cast to bf16: 9e-3)
 
 
 def test_fresh_model_has_wans_init_and_trains():

@@ -403,8 +403,8 @@ def wan_diffusers_to_original(sd: Mapping[str, torch.Tensor]) -> dict[str, torch
     return out
 
 
-def _wan_original_layout(sd: Mapping[str, torch.Tensor], name: str) -> tuple[dict[str, torch.Tensor], str]:
-    """(Wan DiT tensors in the original bare layout, layout name). A `model.diffusion_model.` prefix (ComfyUI
+def _wan_original_layout(sd: Mapping[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    """Wan DiT tensors in the original bare layout, from either layout. A `model.diffusion_model.` prefix (ComfyUI
     repackaged files) is stripped and other components in the file dropped."""
     if any(k.startswith(ORIGINAL_PREFIX) for k in sd):
         sd = split_components(sd)["mmdit"]
@@ -417,9 +417,9 @@ def _wan_original_layout(sd: Mapping[str, torch.Tensor], name: str) -> tuple[dic
         raise ValueError(f"{name}: a Wan image-to-video checkpoint ({len(i2v)} image-conditioning tensors, e.g. "
                          f"{i2v[0]}); only the text-to-video DiT is supported")
     if "head.modulation" in sd and any(k.startswith("blocks.") and ".self_attn." in k for k in keys):
-        return dict(sd), "original"
+        return dict(sd)
     if "condition_embedder.time_proj.weight" in sd and any(k.startswith("blocks.") and ".attn1." in k for k in keys):
-        return wan_diffusers_to_original(sd), "diffusers"
+        return wan_diffusers_to_original(sd)
     raise ValueError(f"{name}: not a Wan DiT checkpoint ({_guess_architecture(keys)}; {len(keys)} tensors, "
                      f"first keys: {', '.join(keys[:3]) or 'none'})")
 
@@ -474,8 +474,8 @@ def load_wan(source, *, dtype: torch.dtype | None = None, device=None, heads: in
     from .wan import WanDiT
 
     name = _source_name(source)
-    sd, _ = _wan_original_layout(load_state_dict(source), name)
+    sd = _wan_original_layout(load_state_dict(source), name)
     config = infer_wan_config(sd, heads, text_len, name)
-    return build_with_weights(lambda: WanDiT(config), sd, what=f"{name}: checkpoint does not match the inferred Wan DiT",
-                              dtype=dtype or sd["patch_embedding.weight"].dtype, device=device,
+    return build_with_weights(lambda: WanDiT(config), sd, what=f"{name}: checkpoint does not match the inferred "
+                              f"Wan DiT", dtype=dtype or sd["patch_embedding.weight"].dtype, device=device,
                               keep_fp32=WanDiT.keep_fp32)

@@ -7,8 +7,8 @@ renaming; checkpoint.py maps the diffusers layout (WanTransformer3DModel) onto t
 The call is the Denoiser seam: `model(x, sigma, context, skip=None)` -> velocity v = eps - x0, where
 x_sigma = (1 - sigma) x0 + sigma eps. x is a latent video [B, C, F, H, W]; context the text encoder's rows
 [B, L, text_dim]. The network sees the timestep t = 1000 * sigma as a float, per sample. Wan's own sampler feeds
-int64(1000 * sigma) (truncated) from its shifted grid; a sampler that wants exactly those integers passes
-sigma = t / 1000. `skip` is a set of blocks run as identity, or a plan {block: Perturbation} (sweep.py) that may
+int64(1000 * sigma) (truncated) from its shifted grid; a sampler that wants those integers passes
+sigma = t / 1000 (they come back to within one fp32 ulp). `skip` is a set of blocks run as identity, or a plan {block: Perturbation} (sweep.py) that may
 also make a block's self-attention the identity (PAG) or blur its video queries (SEG).
 
 Precision follows Wan, whatever the parameter dtype: the time embedding, the modulation sums, the head, all
@@ -295,7 +295,10 @@ class WanDiT(nn.Module):
         grid = tuple(s // p for s, p in zip(size, cfg.patch_size))
         tokens = self.patch_embedding(x.to(dtype)).flatten(2).transpose(1, 2).float().contiguous()
         t_dtype = self.time_embedding[0].weight.dtype
-        e = self.time_embedding(sinusoidal_embedding(1000 * sigma.expand(B), cfg.freq_dim).to(t_dtype)).float()
+        # 1000 * sigma formed in fp32, as diffusers' pipelines do; sigma = t / 1000 gives Wan's integer t back
+        # to within one fp32 ulp (3e-5), a float64 product of the fp32 sigma no closer.
+        features = sinusoidal_embedding(1000 * sigma.expand(B), cfg.freq_dim)
+        e = self.time_embedding(features.to(t_dtype)).float()
         e0 = self.time_projection(e.to(t_dtype)).float().unflatten(1, (6, cfg.dim))
         if cfg.text_len is not None and L < cfg.text_len:  # Wan pads with zero rows and attends to them
             context = F.pad(context, (0, 0, 0, cfg.text_len - L))
