@@ -9,8 +9,9 @@ s2g.guidance guider.
 
 Randomness: the initial noise comes from a generator seeded with `seed` and is drawn once for the whole request,
 so an image depends on its seed and its position in the request, not on how requests are split into batches.
-The S² mask generator is the guider's own (seeded from the run seed by the config), so it never consumes the
-noise generator.
+Each image also has an integer key (`row_seeds`; by default a hash of the seed and its position) from which
+guiders that draw per-image randomness (S² masks) seed their own generators, so those never consume the noise
+generator and never depend on the batch either.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from typing import Callable
 import torch
 from safetensors import safe_open
 
+from .guidance.base import row_seed
 from .models.checkpoint import load_mmdit, load_state_dict
 from .models.sweep import check_variants
 from .models.tiny_text import TinyTextEncoder
@@ -60,8 +62,9 @@ class TextToImage:
     @torch.no_grad()
     def __call__(self, prompts: list[str], guider, *, seed: int = 0, steps: int = 28, shift: float = 3.0,
                  sampler: str = "euler", batch_size: int | None = None, noise: torch.Tensor | None = None,
-                 progress: bool = False) -> torch.Tensor:
-        """Images [N, C, H, W] in [0, 1] for N prompts. Prompts are validated (encoded) before any sampling."""
+                 row_seeds: list[int] | None = None, progress: bool = False) -> torch.Tensor:
+        """Images [N, C, H, W] in [0, 1] for N prompts. Prompts are validated (encoded) before any sampling.
+        `row_seeds`: each image's key for per-image guider randomness (default: from `seed` and its position)."""
         prompts = list(prompts)
         cond, uncond = self.conditioning(prompts)  # bad prompts fail here, before the expensive part
         if getattr(guider, "weak", "absent") is None:
@@ -71,6 +74,10 @@ class TextToImage:
             guider.weak = self.weak
         if noise is None:
             noise = self.noise(len(prompts), seed)
+        if row_seeds is None:
+            row_seeds = [row_seed(seed, i) for i in range(len(prompts))]
+        if len(row_seeds) != len(prompts):
+            raise ValueError(f"{len(row_seeds)} row seeds for {len(prompts)} prompts")
         sigmas = sd3_sigmas(steps, shift)
         batch_size = batch_size or len(prompts)
         out = []
@@ -78,7 +85,7 @@ class TextToImage:
             sl = slice(i, i + batch_size)
             out.append(sample(self.denoiser, noise[sl], sigmas, guider,
                               {k: v[sl] for k, v in cond.items()}, {k: v[sl] for k, v in uncond.items()},
-                              sampler=sampler, progress=progress))
+                              sampler=sampler, progress=progress, rows=row_seeds[sl]))
         return self.decode(torch.cat(out))
 
 

@@ -180,17 +180,21 @@ def guiders():
 
 
 def expected_s2_work_ratio(num_blocks: int, steps: int, drop_ratio=0.1, protected=(0,), interval=(0.1, 0.9),
-                           shift: float = 3.0) -> float:
+                           shift: float = 3.0, interval_unit: str = "steps") -> float:
     """S² work / CFG work per image, averaged exactly over every mask (N = 1, uniform over the allowed sets)."""
     from itertools import combinations
 
+    from s2g.guidance import S2Guidance
+    from s2g.guidance.base import Step
     from s2g.guidance.s2 import num_dropped
     from s2g.sampling import sd3_sigmas
     droppable = [b for b in range(num_blocks) if b not in protected]
     masks = list(combinations(droppable, num_dropped(drop_ratio, num_blocks)))
     extra = sum(block_rows([frozenset(), frozenset(), frozenset(m)], [0, 1, 0], 1, num_blocks) - 2 * num_blocks
                 for m in masks) / len(masks)
-    active = sum(1 for s in sd3_sigmas(steps, shift)[:-1].tolist() if interval[0] <= s <= interval[1])
+    probe = S2Guidance(interval=interval, interval_unit=interval_unit)  # S²'s own window rule
+    sig = sd3_sigmas(steps, shift).tolist()
+    active = sum(probe.active(Step(i, steps, sig[i], sig[i + 1])) for i in range(steps))
     return (steps * 2 * num_blocks + active * extra) / (steps * 2 * num_blocks)
 
 

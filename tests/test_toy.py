@@ -270,7 +270,7 @@ def test_fixed_block_control_is_s2_with_a_mask_that_never_changes():
     torch.manual_seed(0)
     model = train(ToyMLP(2, 4, width=16), gmm, iterations=20, batch_size=64, progress=False)
     s2 = S2Guidance(scale=2.0, omega=1.5, drop_ratio=0.1, protected_blocks=[0, 1, 2, 3, 5, 6, 7],
-                    interval=(0.1, 0.9))
+                    interval=(0.1, 0.9), interval_unit="sigma")
     slg = SkipLayerGuidance(scale=2.0, skip_scale=1.5, layers=[4], start=0.0, stop=1.0, interval=(0.1, 0.9))
     torch.testing.assert_close(_run(model, s2), _run(model, slg))
 

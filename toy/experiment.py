@@ -119,7 +119,7 @@ def evaluate(world: World, spec: dict, noise, labels, steps: int, exact: bool = 
 
 def spec_label(spec: dict) -> str:
     """A short human-readable description of a spec's arguments (for tables)."""
-    skip = {"_target_", "seed", "interval", "protected_blocks", "form", "allow_negative_omega", "start", "stop"}
+    skip = {"_target_", "seed", "interval", "interval_unit", "protected_blocks", "form", "allow_negative_omega", "start", "stop"}
     return ", ".join(f"{k}={_short(v)}" for k, v in spec.items() if k not in skip)
 
 
@@ -231,14 +231,16 @@ def fixed_scale_study(s2_spec: dict, fixed_block: int, naive_n: int) -> dict[str
                                       allow_negative_omega=True),
         "fix:fixed_block": {"_target_": "s2g.guidance.SkipLayerGuidance", "scale": lam, "skip_scale": omega,
                             "layers": [fixed_block], "start": 0.0, "stop": 1.0,
-                            "interval": list(s2_spec.get("interval", [0.1, 0.9]))},
+                            "interval": list(s2_spec.get("interval", [0.1, 0.9])),
+                            "interval_unit": s2_spec.get("interval_unit", "steps")},
     }
 
 
 def matched_cfg(s2_spec: dict, effective_scale: float) -> dict:
     """CFG at λ_eff inside S²'s interval (λ outside): S²'s strength along D_c - D_u, without the sub-network."""
     return {"_target_": "s2g.guidance.controls.IntervalCFG", "scale": float(s2_spec["scale"]),
-            "inner_scale": float(effective_scale), "interval": list(s2_spec.get("interval", [0.1, 0.9]))}
+            "inner_scale": float(effective_scale), "interval": list(s2_spec.get("interval", [0.1, 0.9])),
+            "interval_unit": s2_spec.get("interval_unit", "steps")}
 
 
 def run_protocol(toy_cfg, cache_dir: Path, progress: bool = True):

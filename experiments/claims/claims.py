@@ -489,7 +489,7 @@ def controls(run: Runner, folder: Path) -> None:
           "interval": [0.1, 0.9]}),
         (f"one fixed dropped block ({fixed_block}) = SLG rule", "slg",
          {"scale": lam, "skip_scale": omega, "layers": [fixed_block], "start": 0.0, "stop": 1.0,
-          "interval": [0.1, 0.9]}),
+          "interval": [0.1, 0.9], "interval_unit": "steps"}),
         (f"ω < 0 (−{fmt(omega)})", "s2", dict(sel, omega=-omega, **{"+allow_negative_omega": True})),
     ]
     around_s2(run, folder, f"Controls around S² (κ = {k:.4f} on val, λ_eff = λ − ωκ = {lam_eff:.3f})", variants)

@@ -1,8 +1,8 @@
 """The evaluation harness: (prompt, seed) work items -> images -> per-image rows and features -> metrics.
 
 An image depends only on its (prompt, seed): its initial noise comes from a generator seeded by a hash of
-both, and a batch holds items of one seed only, so a guider's own generator (S² masks, seeded with that seed and
-reset at the start of every batch) draws the same masks for it whatever the batch. Batches are always padded to
+both, and so do its S² masks (the guider seeds one mask generator per row from that hash; a batch holds items of
+one seed only, whose guider carries that seed). Batches are always padded to
 `batch_size` rows (the padding rows are dropped), so every network call has the same shape however the items
 are split over processes. Hence `torchrun` with any number of ranks gives exactly the single-process images.
 """
@@ -90,7 +90,8 @@ def generate(pipe, make_guider, items: list[Item], *, batch_size: int, steps: in
             t0 = time.perf_counter()
             with counting_passes(guider) as counter:
                 images = pipe([it.prompt for it in padded], guider, noise=noise, steps=steps, shift=shift,
-                              sampler=sampler, batch_size=batch_size)
+                              sampler=sampler, batch_size=batch_size,
+                              row_seeds=[item_seed(it.seed, it.prompt) for it in padded])
             seconds += time.perf_counter() - t0
             for it, img in zip(batch, images):
                 out[it.index], nfe[it.index] = img, counter[0]

@@ -22,7 +22,7 @@ class APG(Guider):
         self.eta = check_scale("eta", eta)
         self._buffer = None
 
-    def reset(self, num_blocks=None):
+    def reset(self, num_blocks=None, rows=None):
         self._buffer = None
 
     def guided_passes(self, step):

@@ -9,6 +9,7 @@ A guider only *requests* predictions (`Pass`es); the sampler decides how to batc
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Sequence
@@ -24,7 +25,8 @@ class Pass:
     """One prediction a guider needs at a step.
 
     cond: conditional (True) or unconditional/negative (False) input.
-    skip: indices of blocks that run as identity (S² sub-networks, SLG).
+    skip: indices of blocks that run as identity (S² sub-networks, SLG): one frozenset for every row, or a
+        tuple of frozensets, one per row of the batch (S² masks drawn per image).
     denoiser: another network (Autoguidance's weak model); None means the sampler's main denoiser.
     perturb: (block, Perturbation) pairs for the other perturbations (PAG's identity attention, SEG's blur).
     """
@@ -115,12 +117,28 @@ def check_interval(interval: Sequence[float]) -> tuple[float, float]:
     try:
         lo, hi = (float(v) for v in interval)
     except (TypeError, ValueError):
-        raise ValueError(f"interval must be a pair [sigma_lo, sigma_hi], got {interval!r}") from None
+        raise ValueError(f"interval must be a pair [lo, hi], got {interval!r}") from None
     if not (0.0 <= lo <= 1.0 and 0.0 <= hi <= 1.0):
-        raise ValueError(f"interval must lie in [0, 1] (σ), got [{lo}, {hi}]")
+        raise ValueError(f"interval must lie in [0, 1] (σ or step fractions), got [{lo}, {hi}]")
     if lo > hi:
-        raise ValueError(f"interval is reversed: [{lo}, {hi}] (expected [sigma_lo, sigma_hi] with lo <= hi)")
+        raise ValueError(f"interval is reversed: [{lo}, {hi}] (expected [lo, hi] with lo <= hi)")
     return lo, hi
+
+
+INTERVAL_UNITS = ("sigma", "steps")
+
+
+def check_interval_unit(unit: str) -> str:
+    if unit not in INTERVAL_UNITS:
+        raise ValueError(f"interval_unit must be one of {INTERVAL_UNITS}, got {unit!r}")
+    return unit
+
+
+def in_step_window(step: "Step", lo: float, hi: float) -> bool:
+    """Step `index` of N lies in the window [lo, hi) of step fractions, by diffusers' rule for its guiders'
+    start/stop (diffusers/guiders/classifier_free_guidance.py): int(lo·N) <= index < int(hi·N)."""
+    n = step.num_steps
+    return int(lo * n) <= step.index < int(hi * n)
 
 
 def check_layers(layers) -> frozenset:
@@ -146,15 +164,21 @@ class Guider:
     says otherwise (S² and SLG fall back to plain CFG).
     """
 
-    def __init__(self, interval: Sequence[float] = (0.0, 1.0)):
+    def __init__(self, interval: Sequence[float] = (0.0, 1.0), interval_unit: str = "sigma"):
         self.interval = check_interval(interval)
+        self.interval_unit = check_interval_unit(interval_unit)
 
     # -- life cycle -------------------------------------------------------------------------------------------
-    def reset(self, num_blocks: int | None = None) -> None:
-        """Called by the sampler at the start of every sampling run (clears state, reseeds RNGs)."""
+    def reset(self, num_blocks: int | None = None, rows: Sequence[int] | None = None) -> None:
+        """Called by the sampler at the start of every sampling run (clears state, reseeds RNGs). `rows`: one
+        integer key per batch row (the image's own seed), for guiders that draw randomness per image."""
 
     def active(self, step: Step) -> bool:
+        """Inside `interval`: σ ∈ [lo, hi] (interval_unit "sigma"), or the step's fraction of the run in
+        [lo, hi) (interval_unit "steps", see `in_step_window`)."""
         lo, hi = self.interval
+        if self.interval_unit == "steps":
+            return in_step_window(step, lo, hi)
         return lo <= step.sigma <= hi
 
     def perturbations(self) -> frozenset:
@@ -208,6 +232,12 @@ class CFGOutsideInterval:
 def flat_dot(a: Tensor, b: Tensor) -> Tensor:
     """Per-sample <a, b> over all non-batch dims, kept broadcastable against a."""
     return (a * b).flatten(1).sum(1).reshape(-1, *([1] * (a.ndim - 1)))
+
+
+def row_seed(seed: int, key: int) -> int:
+    """A 63-bit seed that is a pure function of a guider's seed and a row's key (its image's own seed)."""
+    digest = hashlib.sha256(f"{int(seed)}\x1f{int(key)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def as_generator(seed: int) -> torch.Generator:

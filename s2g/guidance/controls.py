@@ -1,5 +1,5 @@
-"""Controls for S²: guiders that ask whether a gain is S²'s own (reference/toy.md, "honest protocol" §5; used by
-the toy and by experiments/claims). Built on S2Guidance / CFG so that no guidance formula is written twice.
+"""Controls for S²: guiders that ask whether a gain is S²'s own, not randomness, a stronger CFG, or one fixed
+skipped block (used by the toy and by experiments/claims). Built on S2Guidance / CFG so that no guidance formula is written twice.
 The other controls need no code: ω < 0 is
 `S2Guidance(..., allow_negative_omega=True)` and one fixed dropped block is
 `SkipLayerGuidance(scale=λ, skip_scale=ω, layers=[b], start=0, stop=1, interval=...)`, whose rule
@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import CFGOutsideInterval, as_generator, cfg_velocity, estimate_from_velocity, flat_dot
+from .base import (CFGOutsideInterval, as_generator, cfg_velocity, check_interval_unit, estimate_from_velocity,
+                   flat_dot)
 from .cfg import CFG
 from .s2 import S2Guidance
 
@@ -21,8 +22,8 @@ class PlaceboS2(S2Guidance):
     the noise is a random sign.) The sub-network passes still run, so the norms are the real ones.
     """
 
-    def reset(self, num_blocks=None):
-        super().reset(num_blocks)
+    def reset(self, num_blocks=None, rows=None):
+        super().reset(num_blocks, rows)
         self._placebo_generator = as_generator(self.seed + 1_000_003)  # apart from the mask RNG
 
     def guide(self, x, step, passes, velocities):
@@ -42,11 +43,15 @@ class KappaProbe(S2Guidance):
 
     Projecting the correction on Δ = D_c - D_u gives D ≈ D_u + (λ - ω·κ)·Δ, so `effective_scale` λ_eff = λ - ω·κ
     is the CFG scale that S² amounts to along Δ. The sums are over D-space differences, which are -σ times
-    the velocity differences.
+    the velocity differences. They run over every sampling run (batch) the probe guides until `clear()`:
+    the sampler's `reset` at each batch reseeds the masks but keeps the sums.
     """
 
-    def reset(self, num_blocks=None):
-        super().reset(num_blocks)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.clear()
+
+    def clear(self) -> None:
         self._num, self._den = 0.0, 0.0
 
     def guide(self, x, step, passes, velocities):
@@ -72,8 +77,9 @@ class IntervalCFG(CFGOutsideInterval, CFG):
     """CFG at `inner_scale` inside the σ interval and at `scale` outside: the matched-strength control for S²
     (inner_scale = λ_eff from KappaProbe, same interval as S²)."""
 
-    def __init__(self, scale: float, inner_scale: float, interval=(0.1, 0.9)):
+    def __init__(self, scale: float, inner_scale: float, interval=(0.1, 0.9), interval_unit: str = "steps"):
         super().__init__(scale=scale, interval=interval)
+        self.interval_unit = check_interval_unit(interval_unit)
         if not inner_scale == inner_scale:  # NaN
             raise ValueError("inner_scale must be a number")
         self.inner_scale = float(inner_scale)

@@ -26,7 +26,7 @@ class PerturbedAttentionGuidance(CFGOutsideInterval, Guider):
     def perturbations(self):
         return frozenset({self.perturbation.kind})
 
-    def reset(self, num_blocks=None):
+    def reset(self, num_blocks=None, rows=None):
         if num_blocks is not None and max(self.layers) >= num_blocks:
             raise ValueError(f"layers {sorted(self.layers)} out of range for a model with {num_blocks} blocks")
 

@@ -8,16 +8,26 @@ away from it (Algorithm 1, "difference" form):
 
 N = 1 is S²; N > 1 is naive S². The weights sum to 1, so this is computed on velocities. The paper's appendix
 writes the last term as -ω·mean(D̂) (weights sum to 1-ω, a global shrink of x̂0): `form="appendix"` applies
-exactly that, on D, for comparison only. Outside `interval` (σ; the paper's central 80% by default) it is
-plain CFG. Masks come from a dedicated generator seeded with `seed` and reset every run, so they never touch
-the noise generator; ω = 0 requests no sub-network pass and so reproduces CFG exactly.
+exactly that, on D, for comparison only.
+
+Where: the paper applies S² in "the central 80%" of the denoising process and plain CFG elsewhere, without
+saying whether in σ or in steps. The default reads it as step fractions, `interval=(0.1, 0.9)` with
+`interval_unit="steps"`: with SD3's 28 steps that is steps 2-24 (23 steps), which is what the paper's cost table
+implies (168.4 -> 237.6 TFLOPs, x1.41 = (56 + 23)/56 passes with a full-cost sub-network pass). The σ reading,
+σ ∈ [0.1, 0.9] (`interval_unit="sigma"`), covers only 20 of those 28 steps at shift 3.
+
+Masks: each image draws its own, from a generator seeded by (`seed`, the image's key) that the sampler hands
+to `reset(..., rows=keys)`; so an image's masks, like its noise, do not depend on the batch it is sampled in.
+Without keys (a bare `sample()` call) one generator draws one mask per step for the whole batch. The mask
+generators never touch the noise generator, and ω = 0 requests no sub-network pass, so it reproduces CFG
+exactly.
 """
 import math
 
 import torch
 
 from .base import (COND, UNCOND, CFGOutsideInterval, Guider, Pass, as_generator, cfg_velocity, check_scale,
-                   denoised, estimate_from_denoised, estimate_from_velocity)
+                   denoised, estimate_from_denoised, estimate_from_velocity, row_seed)
 
 FORMS = ("difference", "appendix")
 
@@ -29,9 +39,9 @@ def num_dropped(drop_ratio: float, num_blocks: int) -> int:
 
 class S2Guidance(CFGOutsideInterval, Guider):
     def __init__(self, scale: float = 7.5, omega: float = 0.25, num_subnetworks: int = 1, drop_ratio: float = 0.1,
-                 protected_blocks=(0,), interval=(0.1, 0.9), seed: int = 0, form: str = "difference",
-                 num_blocks: int | None = None, allow_negative_omega: bool = False):
-        super().__init__(interval)
+                 protected_blocks=(0,), interval=(0.1, 0.9), interval_unit: str = "steps", seed: int = 0,
+                 form: str = "difference", num_blocks: int | None = None, allow_negative_omega: bool = False):
+        super().__init__(interval, interval_unit)
         self.scale = check_scale("scale", scale)
         if not math.isfinite(omega) or (omega < 0 and not allow_negative_omega):
             raise ValueError(f"omega must be >= 0, got {omega} (negative ω is only for the sign-flip control: "
@@ -52,11 +62,11 @@ class S2Guidance(CFGOutsideInterval, Guider):
         self.seed = int(seed)
         self.num_blocks = None
         self._droppable = None
-        self._generator = None
+        self._generators = None
         if num_blocks is not None:
             self.reset(num_blocks)
 
-    def reset(self, num_blocks=None):
+    def reset(self, num_blocks=None, rows=None):
         if num_blocks is not None:
             droppable = [b for b in range(num_blocks) if b not in self.protected_blocks]
             if not droppable:
@@ -69,13 +79,21 @@ class S2Guidance(CFGOutsideInterval, Guider):
             self.num_blocks, self._droppable = num_blocks, torch.tensor(droppable)
         if self._droppable is None:
             raise ValueError("S2Guidance needs the model's number of blocks: reset(num_blocks) before sampling")
-        self._generator = as_generator(self.seed)
+        if rows is None:
+            self._generators = [as_generator(self.seed)]
+        else:
+            self._generators = [as_generator(row_seed(self.seed, key)) for key in rows]
 
-    def sample_mask(self) -> frozenset:
-        """One sub-network: a uniformly random set of round(drop_ratio·#blocks) unprotected blocks to skip."""
+    def _draw(self, generator) -> frozenset:
         k = num_dropped(self.drop_ratio, self.num_blocks)
-        order = torch.randperm(len(self._droppable), generator=self._generator)
+        order = torch.randperm(len(self._droppable), generator=generator)
         return frozenset(self._droppable[order[:k]].tolist())
+
+    def sample_mask(self):
+        """One sub-network: a uniformly random set of round(drop_ratio·#blocks) unprotected blocks to skip, for
+        the whole batch (a frozenset), or one per row (a tuple of frozensets) when the rows have keys."""
+        masks = tuple(self._draw(g) for g in self._generators)
+        return masks[0] if len(masks) == 1 else masks
 
     def guided_passes(self, step):
         if self.omega == 0:

@@ -12,18 +12,22 @@ from .schedules import sd3_sigmas, shift_sigma, uniform_sigmas
 @torch.no_grad()
 def sample(denoiser, noise: torch.Tensor, sigmas: torch.Tensor, guider: Guider, cond: dict,
            uncond: dict | None = None, *, sampler: str = "euler", progress: bool = True,
-           share_prefix: bool = True) -> torch.Tensor:
+           share_prefix: bool = True, rows=None) -> torch.Tensor:
     """Integrate from `noise` (at σ = sigmas[0], normally 1) to σ = 0 and return the final sample.
 
     `denoiser(x, sigma, *, skip=..., **cond) -> velocity`; `cond` / `uncond` are dicts of batched tensors.
-    The guider is reset first (state, mask RNG), so the same inputs always give the same output.
+    The guider is reset first (state, mask RNG), so the same inputs always give the same output. `rows`: one
+    integer key per row of `noise` (its image's own seed): guiders that draw randomness per image (S² masks)
+    seed it from the key, so a row's output does not depend on the other rows of its batch.
     `share_prefix`: run a step's passes through one network as one batched sweep over its blocks, cond and
     uncond rows together and sub-network rows forking at their first skipped block (needs
     `denoiser.forward_shared`; equal to separate passes up to float rounding).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; known: {', '.join(SAMPLERS)}")
-    guider.reset(getattr(denoiser, "num_blocks", None))
+    if rows is not None and len(rows) != noise.shape[0]:
+        raise ValueError(f"{len(rows)} row keys for a batch of {noise.shape[0]}")
+    guider.reset(getattr(denoiser, "num_blocks", None), rows=None if rows is None else [int(r) for r in rows])
     guided = GuidedDenoiser(denoiser, guider, cond, uncond, share_prefix)
     return SAMPLERS[sampler](guided, noise, sigmas, progress=progress)
 

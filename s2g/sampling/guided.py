@@ -29,6 +29,22 @@ def _perturbations(net) -> tuple:
     return tuple(getattr(_innermost(net), "perturbations", ("skip",)))
 
 
+def _per_row(p: Pass, rows: int) -> bool:
+    """Whether the pass skips a different block set in each row (a tuple of `rows` frozensets)."""
+    if not isinstance(p.skip, tuple):
+        return False
+    if len(p.skip) != rows:
+        raise ValueError(f"a pass has skip sets for {len(p.skip)} rows in a batch of {rows}")
+    return True
+
+
+def _row_plans(p: Pass, rows: int) -> list:
+    """Each row's plan (what the denoiser's `skip=` gets for that row alone)."""
+    if not _per_row(p, rows):
+        return [p.plan] * rows
+    return [Pass(p.cond, skip, p.denoiser, p.perturb).plan for skip in p.skip]
+
+
 class GuidedDenoiser:
     """`guided(x, step) -> Estimate` for one sampling run.
 
@@ -96,17 +112,39 @@ class GuidedDenoiser:
                 _concat([self.cond if c else self.uncond for c in conds]))
 
     def _sweep(self, net, net_fn, x, sig, stack: list[bool], passes: list[Pass], results: dict) -> None:
-        """All `passes` (inputs in `stack`) in one sweep over the network's blocks."""
+        """All `passes` (inputs in `stack`) in one sweep over the network's blocks. If some pass has a skip set
+        per row (S² masks drawn per image), every row becomes its own variant: rows that agree on what happened
+        so far still share each block's batch, so per-row masks add no block work."""
         xs, sigs, cond = self._inputs(x, sig, stack)
-        skips, inputs = [p.plan for p in passes], [stack.index(p.cond) for p in passes]
+        B = x.shape[0]
+        if any(_per_row(p, B) for p in passes):
+            skips = [plan for p in passes for plan in _row_plans(p, B)]
+            inputs = [stack.index(p.cond) * B + b for p in passes for b in range(B)]
+            rows = 1
+        else:
+            skips, inputs, rows = [p.plan for p in passes], [stack.index(p.cond) for p in passes], B
         self.calls += 1
         outs = net_fn.forward_shared(xs, sigs, skips=skips, inputs=inputs, **cond)
-        self._count(net, block_rows(skips, inputs, x.shape[0], getattr(net_fn, "num_blocks", 0) or 0))
-        for p, v in zip(passes, outs):
-            results[p] = v.to(x.dtype)
+        self._count(net, block_rows(skips, inputs, rows, getattr(net_fn, "num_blocks", 0) or 0))
+        per_pass = len(outs) // len(passes)
+        for j, p in enumerate(passes):
+            results[p] = torch.cat(outs[j * per_pass:(j + 1) * per_pass]).to(x.dtype)
 
     def _separate(self, net, net_fn, x, sig, passes: list[Pass], results: dict) -> None:
-        """One call per plan; cond and uncond with the same plan share it."""
+        """One call per plan; cond and uncond with the same plan share it. A pass with a skip set per row runs
+        one call per distinct set, on the rows that have it."""
+        B = x.shape[0]
+        for p in [p for p in passes if _per_row(p, B)]:
+            out = torch.empty_like(x)
+            for skip in dict.fromkeys(p.skip):
+                idx = torch.tensor([b for b, s in enumerate(p.skip) if s == skip], device=x.device)
+                cond = {k: v[idx] for k, v in (self.cond if p.cond else self.uncond).items()}
+                plan = Pass(True, skip, net, p.perturb).plan
+                out[idx] = self._call(net_fn, x[idx], sig[idx], plan, cond)
+                n = getattr(net_fn, "num_blocks", 0) or 0
+                self._count(net, len(idx) * (n - len(skip)) if n else 0)
+            results[p] = out
+        passes = [p for p in passes if not _per_row(p, B)]
         by_skip: dict[tuple, list[bool]] = {}
         for p in passes:
             by_skip.setdefault((p.skip, p.perturb), []).append(p.cond)
