@@ -104,7 +104,8 @@ def test_prompt_sets_are_disjoint_fixed_and_balanced():
     whole = Counter(C.video_family(p) for p in test)
     assert whole == {"direction": 48, "pair": 216, "falling": 12, "bouncing": 12, "static": 12}
     head = Counter(C.video_family(p) for p in test[:100])  # a prefix keeps the proportions
-    assert head["pair"] == 72 and head["direction"] == 16 and all(head[f] == 4 for f in ("falling", "bouncing", "static"))
+    assert head["pair"] == 72 and head["direction"] == 16
+    assert all(head[f] == 4 for f in ("falling", "bouncing", "static"))
     assert C.video_prompt_set("val", 10) == val[:10]
     with pytest.raises(ValueError, match="has 150 prompts"):
         C.video_prompt_set("val", 151)
