@@ -1,7 +1,7 @@
-"""The paper's text-to-image claims on the embedded model (issue 10), one item per folder of experiments/claims/.
+"""The paper's text-to-image claims on the embedded model, one item per folder of experiments/claims/.
 
     python experiments/claims/claims.py best                    # Table 1/2: every method tuned on val, test report
-    python experiments/claims/claims.py best --model tiny_early # the same on the early checkpoint (item 9: regime)
+    python experiments/claims/claims.py best --model tiny_early # the same on the early checkpoint (the weaker model)
     python experiments/claims/claims.py fixed                   # S² on top of CFG at the same λ (paper's protocol)
     python experiments/claims/claims.py blocks                  # Table 4: number of dropped blocks
     python experiments/claims/claims.py sweeps                  # Fig. 7a/b/e: λ, ω, σ interval
