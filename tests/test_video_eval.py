@@ -102,6 +102,9 @@ def test_flicker_is_background_change_between_frames(evaluator, batch):
     assert all(r["flicker"] == pytest.approx(0.1 / 3, rel=0.1) and r["temporal_flickering"] == 0 for r in flick)
     assert 0.1 / 3 > FLICKER_MAX
     assert all(r["flicker"] < 1e-6 and r["temporal_flickering"] == 1 for r in still)
+    snow = torch.rand((1, 8, 3, 32, 32), generator=g)  # noise everywhere: no background left to measure on
+    (r,) = evaluator.score(snow, batch.prompts[:1])
+    assert r["flicker"] == pytest.approx(1 / 3, rel=0.05) and r["temporal_flickering"] == 0
 
 
 def test_law_fits_recover_the_truth():

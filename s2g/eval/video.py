@@ -353,13 +353,14 @@ class VideoEvaluator:
 
 def _flicker(frames: torch.Tensor, background: torch.Tensor) -> np.ndarray:
     """Per clip: the mean absolute change between consecutive frames (mean over channels) of the pixels that are
-    background in both frames, objects grown by 1 px so that their moving edges do not count. [N]."""
+    background in both frames, objects grown by 1 px so that their moving edges do not count. Where fewer than a
+    quarter of the pixels qualify (a frame full of "objects", e.g. noise), all pixels count. [N]."""
     objects = F.max_pool2d((background < 0.5).float(), 3, 1, 1) > 0  # [N, F, H, W]
-    still = ~objects[:, 1:] & ~objects[:, :-1]
+    still = (~objects[:, 1:] & ~objects[:, :-1]).float()
     change = (frames[:, 1:] - frames[:, :-1]).abs().mean(2)
-    total = (change * still).sum((1, 2, 3))
-    count = still.sum((1, 2, 3)).clamp(min=1)
-    return (total / count).numpy()
+    few = still.mean((1, 2, 3)) < 0.25
+    still[few] = 1.0
+    return ((change * still).sum((1, 2, 3)) / still.sum((1, 2, 3))).numpy()
 
 
 _DEFAULT: VideoEvaluator | None = None
