@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .scenes import COLORS, SHAPES, SIZE_RANGE, Scene, SceneObject, describe, parse_prompt, render
+from .scenes import COLORS, SHAPES, SIZE_RANGE, Scene, SceneObject, parse_prompt, render
 
 REF_SIZE = 32  # px per side of the reference clip
 REF_FRAMES = 8  # frames of the reference clip; reference time runs over [0, REF_FRAMES - 1]
