@@ -97,7 +97,9 @@ class XPrediction(torch.nn.Module):
 
     The tiny pixel-space model is trained this way (scripts/train_tiny.py, `prediction: x0`); its checkpoint
     says so in the header. Skipped blocks, `num_blocks` and `forward_shared` pass through, so every guider
-    (S², SLG) works unchanged. σ = 0 is never evaluated by the samplers (the last step lands on x̂0)."""
+    (S², SLG) works unchanged. σ = 0 is never evaluated by the samplers (the last step lands on x̂0).
+    The conditioning passes through as given (MMDiT: context, pooled; Wan: context), so one wrapper serves
+    every family."""
 
     def __init__(self, net: torch.nn.Module):
         super().__init__()
@@ -119,12 +121,12 @@ class XPrediction(torch.nn.Module):
     def compile(self, **kwargs) -> None:
         self.net.compile(**kwargs)  # the network's own (regional) compilation
 
-    def forward(self, x, sigma, context, pooled, skip=None):
-        return self._velocity(x, sigma, self.net(x, sigma, context, pooled, skip=skip))
+    def forward(self, x, sigma, *cond, skip=None, **named):
+        return self._velocity(x, sigma, self.net(x, sigma, *cond, skip=skip, **named))
 
-    def forward_shared(self, x, sigma, context, pooled, skips, inputs=None):
+    def forward_shared(self, x, sigma, *cond, skips, inputs=None, **named):
         skips = list(skips)
-        outs = self.net.forward_shared(x, sigma, context, pooled, skips, inputs)
+        outs = self.net.forward_shared(x, sigma, *cond, skips=skips, inputs=inputs, **named)
         inputs, _, B = check_variants(skips, inputs, x.shape[0])
         sig = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1).expand(x.shape[0])
         xs, sigs = x.split(B), sig.split(B)  # variant j reads stacked input k = inputs[j]

@@ -126,7 +126,7 @@ def test_xprediction_wrapper_is_a_velocity_denoiser():
     v = wrapped(x, sigma, ctx, pooled, skip={1})
     assert torch.allclose(x - sigma.view(2, 1, 1, 1) * v, x0, atol=1e-5)  # D = x - σ v recovers x̂0
     assert wrapped.num_blocks == 3
-    shared = wrapped.forward_shared(x, sigma, ctx, pooled, [set(), {2}])
+    shared = wrapped.forward_shared(x, sigma, ctx, pooled, skips=[set(), {2}])
     assert torch.allclose(shared[1], wrapped(x, sigma, ctx, pooled, skip={2}), atol=1e-5)
 
 
