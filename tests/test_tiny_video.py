@@ -1,0 +1,153 @@
+"""The embedded tiny text-to-video model: its training loop (loss goes down, resume is exact, exports load), the
+loader's refusals, the video pipeline's determinism, and animated grids."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+from s2g.guidance import CFG, S2Guidance
+from s2g.tiny_video import load_tiny_video
+from s2g.video import load_gif, save_gif, video_grid
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _train_module():
+    spec = importlib.util.spec_from_file_location("train_tiny_video", ROOT / "scripts" / "train_tiny_video.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _cfg(**over):
+    cfg = OmegaConf.load(ROOT / "configs" / "train_tiny_video.yaml")
+    cfg.pop("hydra")
+    cfg.model = {"dim": 32, "num_layers": 2, "num_heads": 1, "ffn_dim": 64, "freq_dim": 32, "patch_size": [2, 4, 4]}
+    cfg.text = {"dim": 16, "depth": 1, "heads": 1, "max_len": 16, "pooled_dim": 16}
+    cfg.num_frames, cfg.frame_size, cfg.batch_size, cfg.warmup, cfg.lr = 4, 16, 4, 1, 2e-3
+    cfg.probe_every, cfg.threads = 0, 1
+    for k, v in over.items():
+        OmegaConf.update(cfg, k, v)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 4-step run with exports at 2 and 4 (shared by the loader tests below)."""
+    out = tmp_path_factory.mktemp("tv")
+    _train_module().train(_cfg(steps=4, checkpoint_every=100, export_every=2, log_every=1), out)
+    return out
+
+
+def test_short_run_logs_and_exports(trained):
+    exports = sorted(p.name for p in (trained / "exports").iterdir())
+    assert exports == ["tiny_video_000002.safetensors", "tiny_video_000004.safetensors"]
+    log = [json.loads(line) for line in (trained / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and all(r["loss"] > 0 for r in log)
+    a = load_file(str(trained / "exports" / "tiny_video_000002.safetensors"))
+    b = load_file(str(trained / "tiny_video.safetensors"))
+    assert not all(torch.equal(a[k], b[k]) for k in a)  # step 2's EMA, not the final one
+    assert any(k.startswith("model.diffusion_model.blocks.1.self_attn.q.") for k in b)  # Wan's own names
+
+
+def test_few_steps_lower_the_loss(tmp_path):
+    _train_module().train(_cfg(steps=30, lr=3e-3, warmup=1, checkpoint_every=1000, log_every=10), tmp_path)
+    log = [json.loads(line)["loss"] for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1] < 0.7 * log[0]
+
+
+def test_resume_is_exact(tmp_path):
+    """4 steps in one go == 2 steps, stop, resume, 2 more (weights, EMA, Adam moments, batches, noise)."""
+    tt = _train_module()
+    kw = dict(steps=4, checkpoint_every=100, log_every=1)
+    for d in "abc":
+        (tmp_path / d).mkdir()
+    tt.train(_cfg(**kw), tmp_path / "a")
+    tt.train(_cfg(**kw, stop_at=2), tmp_path / "b")
+    tt.train(_cfg(**kw, resume=str(tmp_path / "b" / "train_state.safetensors")), tmp_path / "c")
+    a, b, c = (load_file(str(tmp_path / d / "tiny_video.safetensors")) for d in "abc")
+    assert a.keys() == c.keys() and all(torch.equal(a[k], c[k]) for k in a)
+    assert not all(torch.equal(a[k], b[k]) for k in a)
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "c" / "tiny_video.safetensors"), "pt") as f:
+        meta = f.metadata()
+    commands = json.loads(meta["commands"])
+    assert meta["steps"] == "4" and len(commands) == 2 and "(stopped at step 2)" in commands[0]
+
+
+def test_probe_reads_motion_of_rendered_clips():
+    """The training probe's centroid reading, fed the true clip instead of the network: every direction moves
+    its own way by 10.5-17.5 px."""
+    tt = _train_module()
+    cfg = _cfg(num_frames=8, frame_size=32)
+    from s2g.data.clips import render_prompts
+
+    class Oracle(torch.nn.Module):  # returns the rendered clip of the prompt, whatever the input
+        def forward(self, x, sigma, ctx):
+            return self.clip.expand(x.shape[0], -1, -1, -1, -1)
+
+    class Text:
+        def encode(self, prompts):
+            oracle.clip = render_prompts(prompts[:1], seed=3).videos.permute(0, 2, 1, 3, 4) * 2 - 1
+            return {"context": torch.zeros(len(prompts), 1, 1)}
+
+    oracle = Oracle()
+    moved = tt.probe(oracle, Text(), cfg)
+    assert set(moved) == {"left", "right", "up", "down"}
+    assert all(10 <= v <= 18 for v in moved.values()), moved
+
+
+def test_loader_samples_deterministically_and_s2_at_omega_0_is_cfg(trained):
+    pipe = load_tiny_video(trained / "tiny_video.safetensors", weak_checkpoint=None)
+    assert pipe.latent_shape == (3, 4, 16, 16) and pipe.num_frames == 4
+    prompts = ["a red circle moving left", "a blue square moving up and a yellow triangle moving left"]
+    v = pipe(prompts, CFG(scale=4.0), seed=1, steps=3)
+    assert v.shape == (2, 4, 3, 16, 16) and 0 <= v.min() and v.max() <= 1
+    assert torch.equal(v, pipe(prompts, CFG(scale=4.0), seed=1, steps=3))
+    # batch 1 differs from batch 2 only by float rounding (matmul blocking), as for images
+    torch.testing.assert_close(v, pipe(prompts, CFG(scale=4.0), seed=1, steps=3, batch_size=1), atol=1e-5, rtol=0)
+    s2 = pipe(prompts, S2Guidance(scale=4.0, omega=0.0, seed=0), seed=1, steps=3)
+    assert torch.equal(v, s2)
+    assert not torch.equal(v, pipe(prompts, S2Guidance(scale=4.0, omega=1.0, seed=0), seed=1, steps=3))
+
+
+@pytest.mark.parametrize("prompt, message", [
+    ("a red circle moving sideways", "unknown motion"),
+    ("a red circle moving", "unknown motion"),
+    ("a red circle left of a blue square", "is an image prompt"),
+])
+def test_prompts_outside_the_grammar_are_refused(trained, prompt, message):
+    pipe = load_tiny_video(trained / "tiny_video.safetensors", weak_checkpoint=None)
+    with pytest.raises(ValueError, match=message):
+        pipe([prompt], CFG(scale=4.0), steps=2)
+
+
+def test_loader_refuses_other_frame_counts_and_image_models(trained):
+    with pytest.raises(ValueError, match="trained on 4 frames"):
+        load_tiny_video(trained / "tiny_video.safetensors", weak_checkpoint=None, num_frames=8)
+    with pytest.raises(ValueError, match="not a tiny text-to-video file"):
+        load_tiny_video(ROOT / "s2g" / "assets" / "tiny.safetensors", weak_checkpoint=None)
+    with pytest.raises(FileNotFoundError, match="model.checkpoint"):
+        load_tiny_video(trained / "missing.safetensors", weak_checkpoint=None)
+
+
+def test_video_grid_and_gif_round_trip(tmp_path):
+    videos = torch.rand(6, 3, 3, 8, 8)
+    frames = video_grid(videos, rows=2, cols=3, pad=2, scale=2)
+    assert frames.shape == (3, 3, 2 + 2 * 18, 2 + 3 * 18)
+    # tile (row 1, col 2) of frame 2 is clip 5's frame 2, upscaled 2x
+    torch.testing.assert_close(frames[2, :, 20:36:2, 38:54:2], videos[5, 2])
+    from s2g.data.clips import render_prompts
+    clips = render_prompts(["a red circle moving left", "a blue square falling"], seed=0).videos
+    frames = video_grid(clips, rows=1, cols=2, scale=3)
+    path = save_gif(frames, tmp_path / "grid.gif")
+    back = load_gif(path)
+    assert back.shape == frames.shape  # 8 frames, whole
+    err = (back - frames).abs()
+    assert err.mean() < 0.01 and err.max() < 0.1, (err.mean(), err.max())  # GIF's 256-colour palette
+    with pytest.raises(FileExistsError):
+        save_gif(frames, path)
