@@ -5,8 +5,8 @@ import torch
 
 from ..guidance.base import Guider
 from .guided import GuidedDenoiser
-from .samplers import SAMPLERS, sample_dpmpp_2m, sample_euler, sample_heun
-from .schedules import sd3_sigmas, shift_sigma, uniform_sigmas
+from .samplers import SAMPLERS, sample_dpmpp_2m, sample_euler, sample_heun, sample_unipc
+from .schedules import DiscreteTimesteps, sd3_sigmas, shift_sigma, uniform_sigmas, wan_sigmas, wan_timesteps
 
 
 @torch.no_grad()
@@ -33,4 +33,5 @@ def sample(denoiser, noise: torch.Tensor, sigmas: torch.Tensor, guider: Guider, 
 
 
 __all__ = ["sample", "sd3_sigmas", "shift_sigma", "uniform_sigmas", "GuidedDenoiser", "SAMPLERS",
-           "sample_euler", "sample_heun", "sample_dpmpp_2m"]
+           "sample_euler", "sample_heun", "sample_dpmpp_2m", "sample_unipc", "wan_sigmas", "wan_timesteps",
+           "DiscreteTimesteps"]
