@@ -3,7 +3,9 @@
 Split the conditional and unconditional predictions into a Laplacian pyramid (levels from the finest detail to
 the coarsest average) and apply CFG per level with its own scale, then rebuild: high scales for details, low for
 the layout and colours. Optional `parallel_weights` damp each level's CFG shift along the conditional level
-(APG-style projection, float64). The pyramid is kornia's (5x5 binomial blur, reflect borders, bilinear
+(APG-style projection, float64). A video [B, C, F, H, W] gets the pyramid of each frame (a spatial split, as the
+method is defined for images; frames are never mixed), and the projection is taken per sample over the whole
+video, as for an image. The pyramid is kornia's (5x5 binomial blur, reflect borders, bilinear
 resampling with align_corners=False), as diffusers' FrequencyDecoupledGuidance uses it; defaults are diffusers'
 (scales [10, 5] from fine to coarse, parallel weights 1, everywhere). With parallel weights 1 every level is an
 affine rule with weights summing to 1 and the pyramid is linear and exactly invertible, so the result is the same
@@ -24,12 +26,25 @@ def _blur(x: torch.Tensor) -> torch.Tensor:
     return F.conv2d(F.pad(x, (2, 2, 2, 2), mode="reflect"), k, groups=x.shape[1])
 
 
+def _per_frame(fn, x: torch.Tensor) -> torch.Tensor:
+    """`fn` on images [B, C, H, W] as given; on videos [B, C, F, H, W] on every frame, the frames folded into the
+    batch (the pyramid is spatial: frames are never mixed)."""
+    if x.ndim == 4:
+        return fn(x)
+    if x.ndim != 5:
+        raise ValueError(f"FDG needs images [B, C, H, W] or videos [B, C, F, H, W], got shape {list(x.shape)}")
+    B, _, T = x.shape[:3]
+    return fn(x.transpose(1, 2).flatten(0, 1)).unflatten(0, (B, T)).transpose(1, 2)
+
+
 def _down(x):
-    return F.interpolate(_blur(x), size=(x.shape[-2] // 2, x.shape[-1] // 2), mode="bilinear", align_corners=False)
+    return _per_frame(lambda y: F.interpolate(_blur(y), size=(y.shape[-2] // 2, y.shape[-1] // 2), mode="bilinear",
+                                              align_corners=False), x)
 
 
 def _up(x):
-    return _blur(F.interpolate(x, size=(2 * x.shape[-2], 2 * x.shape[-1]), mode="bilinear", align_corners=False))
+    return _per_frame(lambda y: _blur(F.interpolate(y, size=(2 * y.shape[-2], 2 * y.shape[-1]), mode="bilinear",
+                                                    align_corners=False)), x)
 
 
 def laplacian_pyramid(x: torch.Tensor, levels: int) -> list[torch.Tensor]:
