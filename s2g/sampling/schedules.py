@@ -63,7 +63,7 @@ def wan_sigmas(steps: int = 50, shift: float = 5.0) -> torch.Tensor:
 
 def wan_timesteps(steps: int = 50, shift: float = 5.0) -> torch.Tensor:
     """The integer timesteps Wan feeds its DiT, one per step (int64): 1000·σ_i truncated, taken from the
-    float64 σ before it is rounded to fp32 (e.g. 999, 998, 997, ..., 20 at shift 5 / 50 steps)."""
+    float64 σ before it is rounded to fp32 (999, 995, 991, ..., 241, 172, 92 at shift 5 / 50 steps)."""
     return torch.tensor([int(s * 1000) for s in _wan_shifted(steps, shift)], dtype=torch.int64)
 
 
