@@ -67,7 +67,7 @@ class TextToImage:
         `row_seeds`: each image's key for per-image guider randomness (default: from `seed` and its position)."""
         prompts = list(prompts)
         cond, uncond = self.conditioning(prompts)  # bad prompts fail here, before the expensive part
-        if getattr(guider, "weak", "absent") is None:
+        if getattr(guider, "needs_weak_model", False) and guider.weak is None:
             if self.weak is None:
                 raise ValueError(f"{type(guider).__name__} needs a weak model, but this model config names none "
                                  f"(set model.weak_checkpoint)")

@@ -20,9 +20,11 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+from s2g import cli  # noqa: F401 - first: the thread defaults, before torch is imported (s2g/cli.py)
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch  # noqa: E402
+
+from s2g.eval.cost import peak_rss, timed_sampling  # noqa: E402
 from s2g.models.checkpoint import load_mmdit  # noqa: E402
 from s2g.models.mmdit import CONFIGS, MMDiTConfig  # noqa: E402
 from s2g.models.sweep import block_rows, check_variants  # noqa: E402
@@ -221,35 +223,16 @@ def _setup(args, device, dtype, cfg: MMDiTConfig, cost_only: bool = False):
 
 def _sample(model, noise, sigmas, guider, share, cond, uncond) -> dict:
     """One whole sampling run; its wall time and cost counters (per image)."""
-    from s2g.sampling import GuidedDenoiser, SAMPLERS
-
-    sync = torch.cuda.synchronize if noise.device.type == "cuda" else (lambda: None)
-    guider.reset(model.num_blocks)
-    guided = GuidedDenoiser(model, guider, cond, uncond, share)
-    sync()
-    t = time.perf_counter()
-    with torch.inference_mode():
-        SAMPLERS["euler"](guided, noise, sigmas, progress=False)
-    sync()
-    B = noise.shape[0]
-    return {"seconds": time.perf_counter() - t, "nfe_per_image": guided.nfe, "calls": guided.calls,
-            "work_per_image": guided.block_rows / B}
+    r = timed_sampling(model, guider, cond, uncond, noise, sigmas, share_prefix=share)
+    return {"seconds": r["seconds"], "nfe_per_image": r["nfe"], "calls": r["calls"], "work_per_image": r["block_rows"]}
 
 
 def _memory_worker(args, device, dtype, cfg, name: str) -> int:
     """Fresh process: one sampling run of guider `name`; prints its peak RSS as one JSON line. The high-water
-    mark is reset after the model is built (Linux: clear_refs 5), so the peak is the sampling run's own."""
+    mark is reset after the model is built, so the peak is the sampling run's own."""
     model, noise, cond, uncond, sigmas = _setup(args, device, dtype, cfg)
     guider, share = guiders()[name]
-
-    def status(key):  # kB -> MB
-        return int(next(line for line in open("/proc/self/status") if line.startswith(key)).split()[1]) / 1024
-
-    before = status("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    _sample(model, noise, sigmas, guider, share, cond, uncond)
-    print(json.dumps({"peak_rss_mb": status("VmHWM"), "rss_before_sampling_mb": before}))
+    print(json.dumps(peak_rss(lambda: _sample(model, noise, sigmas, guider, share, cond, uncond))))
     return 0
 
 

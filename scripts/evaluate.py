@@ -14,21 +14,16 @@ the (prompt, seed) pairs, rank 0 gathers them and computes the metrics once: the
 """
 from __future__ import annotations
 
-import os
+from s2g import cli  # first: sets the thread defaults before torch is imported (see s2g/cli.py)
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads stall a shared CPU
-# numpy's BLAS for the metrics (128-d covariances): one thread is 10x faster than two on a busy 2-core machine
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-import sys
-import time
-from pathlib import Path
+cli.one_blas_thread()
+import os  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 
 def _launch_stamp() -> str:
@@ -51,36 +46,55 @@ OmegaConf.register_new_resolver("s2g_stamp", _launch_stamp, use_cache=True, repl
 
 @hydra.main(config_path="../configs", config_name="evaluate", version_base=None)
 def main(cfg: DictConfig) -> None:
-    from hydra.errors import InstantiationException
+    from s2g.eval import report
 
-    from s2g.eval import run as evaluation
-
-    user_errors = (ValueError, FileNotFoundError, FileExistsError)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    try:
+    with cli.user_errors(cleanup=lambda: _remove_if_empty(run_dir)):  # a run dir made for a run that never started
         if cfg.gather is not None:
-            evaluation.gather(Path(cfg.gather), baseline=cfg.baseline)
+            report.gather(Path(cfg.gather), baseline=cfg.baseline)
         elif cfg.pair is not None:
-            evaluation.pair(cfg.pair, cfg.bootstrap)
+            b = cfg.bootstrap
+            report.pair(cfg.pair, int(b.n), float(b.level), int(b.seed), int(b.fd_n), int(b.pr_halves))
         else:
-            from s2g.runinfo import apply_guidance_defaults
-
-            overrides = list(HydraConfig.get().overrides.task)
-            name = HydraConfig.get().runtime.choices.get("guidance", "guidance")
-            applied = apply_guidance_defaults(cfg.model, name, cfg.guidance, overrides)
-            if applied:  # recorded in run.json's command, so that the command alone reproduces the run
-                print(f"{name}: the model config's guidance_defaults {applied} (override with guidance.<key>=...)")
-                overrides += [f"guidance.{k}={v}" for k, v in applied.items()]
-            evaluation.evaluate(cfg, run_dir, overrides=overrides, guidance_name=name)
+            run(cfg, run_dir)
             return
         _remove_if_empty(run_dir)  # gather / pair write next to their inputs, not into a fresh run dir
-    except (*user_errors, InstantiationException) as e:
-        cause = e.__cause__ if isinstance(e, InstantiationException) else e
-        if not isinstance(cause, user_errors):
-            raise
-        _remove_if_empty(run_dir)  # a fresh run dir that Hydra made for a run that never started
-        print(f"error: {cause}", file=sys.stderr)  # the user's input, not a bug: one line, no traceback
-        sys.exit(2)
+
+
+def run(cfg: DictConfig, run_dir: Path) -> None:
+    """The config as library arguments: a pipeline, a guider factory, (prompt, seed) items; then the run dir."""
+    from s2g.config import apply_guidance_defaults, build_model, guider_factory, instantiate
+    from s2g.eval import prompt_set, work_items
+    from s2g.eval.run import check_new_run_dir, evaluate, write_run
+
+    overrides = list(HydraConfig.get().overrides.task)
+    name = HydraConfig.get().runtime.choices.get("guidance", "guidance")
+    applied = apply_guidance_defaults(cfg.model, name, cfg.guidance, overrides)
+    if applied:  # recorded in run.json's command, so that the command alone reproduces the run
+        print(f"{name}: the model config's guidance_defaults {applied} (override with guidance.<key>=...)")
+        overrides += [f"guidance.{k}={v}" for k, v in applied.items()]
+    check_new_run_dir(run_dir)
+    seeds = list(cfg.seeds) if OmegaConf.is_list(cfg.seeds) else [cfg.seeds]
+    items = work_items(prompt_set(str(cfg.prompts), cfg.num_prompts), seeds)
+    make_guider = guider_factory(cfg.guidance)
+    make_guider(items[0].seed)  # bad guider parameters fail before the model loads
+    extra = {k: instantiate(c) for k, c in (cfg.extra_metrics or {}).items()}
+    pipe, _ = build_model(cfg.model)
+    results = evaluate(pipe, make_guider, items, batch_size=int(cfg.batch_size), steps=int(cfg.steps),
+                       shift=float(cfg.shift), sampler=cfg.sampler.name, scene_metrics=cfg.scene_metrics,
+                       evaluator=cfg.evaluator, min_area=int(cfg.min_area), reference_seed=int(cfg.reference_seed),
+                       bootstrap=OmegaConf.to_container(cfg.bootstrap), extra_metrics=extra, grid=int(cfg.grid),
+                       save_images=cfg.save_images, images_dir=run_dir / "images", prompt_set=str(cfg.prompts),
+                       guidance_name=name, threads=int(cfg.threads), progress=bool(cfg.progress))
+    if results is None:  # a torchrun rank other than 0: rank 0 writes
+        return
+    record = write_run(run_dir, results, config=OmegaConf.to_yaml(cfg, resolve=True), overrides=overrides)
+    logger = cli.wandb_logger(cfg.logger, run_dir, {**OmegaConf.to_container(cfg, resolve=True), **record})
+    if logger is not None:
+        import wandb
+
+        logger.log({"metrics": cli.flat_metrics(results["metrics"]), "samples": wandb.Image(str(run_dir / "samples.png"))})
+        logger.finish()
 
 
 def _remove_if_empty(path: Path) -> None:

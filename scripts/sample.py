@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 def guider_configs(cfg: DictConfig) -> dict[str, DictConfig]:
     """{column name: guidance config}: the selected guider, or one per `compare` entry (composed like the main
     config, with the command line's guidance.* overrides applied where the guider has that key)."""
-    from s2g.runinfo import apply_guidance_defaults
+    from s2g.config import apply_guidance_defaults
 
     overrides = [o for o in HydraConfig.get().overrides.task if o.lstrip("+~").startswith("guidance.")]
     if not cfg.compare:
@@ -71,7 +71,7 @@ def run(cfg: DictConfig, out_dir: Path) -> Path:
     import torch
 
     from s2g.pipeline import image_grid, save_png
-    from s2g.runinfo import build_model
+    from s2g.config import build_model
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
     out_path = out_dir / cfg.output

@@ -226,7 +226,7 @@ def test_evaluate_end_to_end_torchrun_equals_one_process(tmp_path):
     for key in ("precision", "recall"):  # the delete-half jackknife interval around the full-sample value
         iv = m["fidelity"][f"{key}_interval"]
         assert iv["mean"] == m["fidelity"][key] and iv["lo"] <= iv["mean"] <= iv["hi"] and iv["n_clusters"] == 6
-    from s2g.eval.run import load_run, rescore_fidelity
+    from s2g.eval.report import load_run, rescore_fidelity
     assert rescore_fidelity(load_run(tmp_path / "one")) == m["fidelity"]  # saved features reproduce the metrics
     assert m["cost"]["nfe_per_image"] > 3 * 2 and m["cost"]["seconds_per_image"] > 0
     for f in ("per_image.csv", "samples.png", "features.safetensors", "config.yaml", "run.json"):

@@ -1,10 +1,12 @@
-"""What the Hydra entry points share (s2g/runinfo.py): building a model from its config group."""
+"""What the Hydra entry points share: building a model from its config group (s2g/config.py), the revision and
+regional compilation (s2g/runinfo.py)."""
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
-from s2g.runinfo import build_model, compile_regions, git_revision
+from s2g.config import build_model
+from s2g.runinfo import compile_regions, git_revision
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,7 +46,7 @@ def test_named_embedded_checkpoint_resolves_to_assets():
 
 
 def test_guidance_defaults_of_the_model_apply_unless_the_command_line_sets_the_key():
-    from s2g.runinfo import apply_guidance_defaults
+    from s2g.config import apply_guidance_defaults
 
     model = OmegaConf.create({"guidance_defaults": {"s2": {"scale": 4.0, "omega": 1.0}}})
     g = OmegaConf.create({"scale": 7.5, "omega": 0.25, "drop_ratio": 0.1})

@@ -229,7 +229,7 @@ def test_shipped_models_place_objects_by_word_order(model):
     from hydra import compose, initialize_config_dir
 
     from s2g.guidance import CFG
-    from s2g.runinfo import build_model
+    from s2g.config import build_model
 
     with initialize_config_dir(str(ROOT / "configs"), version_base=None):
         pipe, _ = build_model(compose("evaluate", overrides=[f"model={model}"]).model)

@@ -10,8 +10,9 @@
     python experiments/claims/claims.py controls                # placebo, matched-λ CFG, fixed block, ω < 0
     python experiments/claims/claims.py cost                    # Table 5: NFE, work, time, peak memory
 
-Every image comes from scripts/evaluate.py's own code (`s2g.eval.run.evaluate`, called in-process so that a
-sweep pays Python's start-up once); each run dir holds the exact equivalent command line in run.json, and each
+Every image comes from the library scripts/evaluate.py calls (`s2g.eval.run.evaluate` and `write_run`, called
+in-process with the objects that command builds, so that a sweep pays Python's start-up once; tests/test_claims.py
+checks that they are the same); each run dir holds the exact equivalent command line in run.json, and each
 item folder a commands.sh listing them. Runs live in runs/<model>/<set>/<name>/ and are shared between items
 (the CFG baseline at λ is one run, whoever needs it). A finished run is never redone, so an interrupted item
 resumes where it stopped. Paired differences match (prompt, seed) items, so a 100-prompt ablation pairs with
@@ -31,27 +32,53 @@ item keeps its measurements in cost.json, reused likewise.
 """
 from __future__ import annotations
 
-import os
+from s2g import cli  # first: the thread defaults, before torch is imported (s2g/cli.py)
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-import argparse
-import json
-import math
-import sys
-import time
-from pathlib import Path
+cli.one_blas_thread()
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
-import numpy as np
+import numpy as np  # noqa: E402
+
+from s2g import ASSETS  # noqa: E402
+from s2g.eval.report import interval as iv  # noqa: E402
+from s2g.eval.report import markdown_table as _markdown  # noqa: E402
+from s2g.eval.report import plot_adherence_fd  # noqa: E402
+from s2g.pipeline import load_tiny  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT))
 
-SETS = {
-    "val": ["prompts=val", "num_prompts=64", "seeds=[0,1]"],
-    "test": ["prompts=test", "num_prompts=200", "seeds=[0,1,2]"],
-    "ablation": ["prompts=test", "num_prompts=100", "seeds=[0,1,2]"],
+SETS = {  # prompt set, number of prompts, seeds: `prompts=... num_prompts=... seeds=[...]` on the command line
+    "val": {"prompts": "val", "num_prompts": 64, "seeds": [0, 1]},
+    "test": {"prompts": "test", "num_prompts": 200, "seeds": [0, 1, 2]},
+    "ablation": {"prompts": "test", "num_prompts": 100, "seeds": [0, 1, 2]},
+}
+
+# What scripts/evaluate.py builds from the command line, as library arguments (tests/test_claims.py composes the
+# Hydra configs and checks each against them):
+# model=<name>: the embedded model's loader arguments (configs/model/<name>.yaml);
+MODELS = {"tiny": {}, "tiny_early": {"checkpoint": ASSETS / "tiny_early.safetensors", "weak_checkpoint": None}}
+# sampler=euler (configs/sampler/euler.yaml);
+SAMPLING = {"sampler": "euler", "steps": 28, "shift": 3.0}
+# guidance=<group>: the class configs/guidance/<group>.yaml names (`_target_`) and the values where that yaml
+# differs from the class's own defaults; `seed` where the yaml has one (`seed: ${seed}`), which each image's own
+# seed replaces (S² masks).
+GROUPS = {
+    "none": ("s2g.guidance.Conditional", {}),
+    "cfg": ("s2g.guidance.CFG", {"scale": 7.5}),
+    "cfgpp": ("s2g.guidance.CFGPlusPlus", {}),
+    "apg": ("s2g.guidance.APG", {"scale": 7.5}),
+    "cfg_zero_star": ("s2g.guidance.CFGZeroStar", {"scale": 7.5}),
+    "autoguidance": ("s2g.guidance.AutoGuidance", {}),
+    "slg": ("s2g.guidance.SkipLayerGuidance", {}),
+    "pag": ("s2g.guidance.PerturbedAttentionGuidance", {}),
+    "seg": ("s2g.guidance.SmoothedEnergyGuidance", {}),
+    "s2": ("s2g.guidance.S2Guidance", {"seed": 0}),
+    "naive_s2": ("s2g.guidance.S2Guidance", {"num_subnetworks": 4, "seed": 0}),
 }
 
 # method -> (guidance config group, grid of guidance.* values). 6 settings each; the Cartesian product in order.
@@ -90,26 +117,64 @@ def run_name(group: str, params: dict) -> str:
     return "_".join([group] + [f"{k}={fmt(v)}" for k, v in params.items()]).replace("/", "-")
 
 
+def set_overrides(subset: str) -> list[str]:
+    return [f"{k}={fmt(v)}" for k, v in SETS[subset].items()]
+
+
 def overrides_for(model: str, subset: str, group: str, params: dict) -> list[str]:
-    return [f"model={model}", *SETS[subset], f"guidance={group}", "progress=false",
+    return [f"model={model}", *set_overrides(subset), f"guidance={group}", "progress=false",
             *[f"{'+' if k.startswith('+') else ''}guidance.{k.lstrip('+')}={fmt(v)}" for k, v in params.items()]]
 
 
-def evaluate_config(overrides: list[str]):
-    """configs/evaluate.yaml with `overrides`, composed as scripts/evaluate.py would."""
-    from hydra import compose, initialize_config_dir
+def load_model(model: str):
+    """The pipeline `model=<model>` loads."""
+    return load_tiny(**MODELS[model])
 
-    with initialize_config_dir(str(ROOT / "configs"), version_base=None):
-        return compose("evaluate", overrides=overrides)
+
+def guidance_defaults(model: str) -> dict:
+    """configs/model/<model>.yaml's `guidance_defaults` ({group: {key: value}}; tiny_early inherits tiny's)."""
+    import yaml
+
+    return yaml.safe_load((ROOT / "configs" / "model" / "tiny.yaml").read_text()).get("guidance_defaults") or {}
+
+
+def guider_spec(group: str, params: dict) -> dict:
+    """`guidance=<group>` with `params` as guidance.* overrides: {"_target_": class path, **arguments} (a `_target_`
+    in params replaces the group's class, a `+key` adds a key the yaml lacks)."""
+    target, base = GROUPS[group]
+    given = {k.lstrip("+"): v for k, v in params.items()}
+    return {"_target_": given.pop("_target_", target), **base, **given}
+
+
+def guider_factory(spec: dict):
+    """make_guider(seed), as scripts/evaluate.py's (s2g.config.guider_factory): a spec with a `seed` (S² masks)
+    takes the image's."""
+    import importlib
+
+    module, _, name = spec["_target_"].rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    kwargs = {k: v for k, v in spec.items() if k != "_target_"}
+
+    def make_guider(seed: int):
+        return cls(**{**kwargs, "seed": seed} if "seed" in kwargs else kwargs)
+
+    return make_guider
 
 
 class Runner:
     """Runs (or finds) one evaluation per (model, set, guider, params); appends each command to a log."""
 
-    def __init__(self, model: str, commands: Path | None = None):
+    def __init__(self, model: str, commands: Path | None = None, root: Path | None = None):
         self.model, self.commands = model, commands
-        self.root = HERE / "runs" / model
+        self.root = HERE / "runs" / model if root is None else Path(root)  # root: elsewhere (tests)
         self.used: dict[Path, None] = {}  # the runs this item asked for, in order
+        self._pipe = None
+
+    @property
+    def pipe(self):
+        if self._pipe is None:
+            self._pipe = load_model(self.model)
+        return self._pipe
 
     def sampling_minutes(self) -> float:
         """The recorded sampling time of every run used (what regenerating them costs, one thread each)."""
@@ -119,31 +184,75 @@ class Runner:
         return self.root / subset / run_name(group, params)
 
     def __call__(self, subset: str, group: str, params: dict | None = None) -> Path:
-        from s2g.eval.run import evaluate
-        from s2g.runinfo import apply_guidance_defaults
-
         params = dict(params or {})
         out = self.dir(subset, group, params)
         self.used[out] = None
         overrides = overrides_for(self.model, subset, group, params)
-        command = " ".join(["python scripts/evaluate.py", *overrides, f"hydra.run.dir={out.relative_to(ROOT)}"])
+        command = " ".join(["python scripts/evaluate.py", *overrides, f"hydra.run.dir={_relative(out, ROOT)}"])
         if self.commands is not None:
             self.commands.parent.mkdir(parents=True, exist_ok=True)
             with open(self.commands, "a") as f:
                 f.write(command + "\n")
         if (out / "metrics.json").is_file():
             return out
-        if out.exists():  # a run killed mid-way left files behind: evaluate() never overwrites, so clear them
+        if out.exists():  # a run killed mid-way left files behind: write_run() never overwrites, so clear them
             for p in out.iterdir():
                 p.unlink()
         t = time.time()
-        print(f"[{time.strftime('%H:%M:%S')}] {out.relative_to(HERE)}", flush=True)
-        cfg = evaluate_config(overrides)
-        applied = apply_guidance_defaults(cfg.model, group, cfg.guidance, overrides)  # as scripts/evaluate.py
-        overrides += [f"guidance.{k}={fmt(v)}" for k, v in applied.items()]
-        evaluate(cfg, out, overrides=overrides, guidance_name=group)
+        print(f"[{time.strftime('%H:%M:%S')}] {_relative(out, HERE)}", flush=True)
+        self.evaluate(out, subset, group, params, overrides)
         print(f"    {time.time() - t:.0f} s", flush=True)
         return out
+
+    def evaluate(self, out: Path, subset: str, group: str, params: dict, overrides: list[str]) -> None:
+        """The run `python scripts/evaluate.py <overrides>` makes, through the same library calls."""
+        import yaml
+
+        from s2g.eval import prompt_set, work_items
+        from s2g.eval.run import BOOTSTRAP, evaluate, write_run
+
+        overrides, spec = with_model_defaults(self.model, group, params, overrides)
+        s = SETS[subset]
+        items = work_items(prompt_set(s["prompts"], s["num_prompts"]), s["seeds"])
+        results = evaluate(self.pipe, guider_factory(spec), items, **SAMPLING, prompt_set=s["prompts"],
+                           guidance_name=group, threads=1, progress=False)
+        config = run_config(self.model, subset, spec)
+        write_run(out, results, config=yaml.safe_dump(config, sort_keys=False, allow_unicode=True),
+                  overrides=overrides)
+
+
+def run_config(model: str, subset: str, spec: dict) -> dict:
+    """config.yaml of a claims run: configs/evaluate.yaml's keys with the values the run used (what its command
+    resolves to), the model and the guider as `_target_` nodes, so that tools reading a run's config build them."""
+    import inspect
+
+    from s2g.eval.run import BOOTSTRAP, evaluate
+
+    defaults = {k: p.default for k, p in inspect.signature(evaluate).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    return {"guidance": spec, "sampler": {"name": SAMPLING["sampler"], "steps": SAMPLING["steps"],
+                                          "shift": SAMPLING["shift"]},
+            "model": {"_target_": f"{load_tiny.__module__}.load_tiny",
+                      **{k: str(v) if isinstance(v, Path) else v for k, v in MODELS[model].items()}},
+            "logger": {"name": "none"}, **SETS[subset], "seed": SETS[subset]["seeds"][0],
+            "steps": SAMPLING["steps"], "shift": SAMPLING["shift"],
+            **{k: defaults[k] for k in ("batch_size", "scene_metrics", "evaluator", "min_area", "reference_seed")},
+            "bootstrap": dict(BOOTSTRAP), "grid": defaults["grid"], "save_images": defaults["save_images"],
+            "extra_metrics": {}, "pair": None, "gather": None, "baseline": None, "progress": False, "threads": 1,
+            "written_by": "experiments/claims/claims.py, calling the library in-process with what run.json's command "
+                          "builds"}
+
+
+def _relative(path: Path, to: Path) -> Path:
+    return path.relative_to(to) if path.is_relative_to(to) else path
+
+
+def with_model_defaults(model: str, group: str, params: dict, overrides: list[str]) -> tuple[list[str], dict]:
+    """As scripts/evaluate.py: the model config's guidance_defaults for the keys `params` leaves unset, appended to
+    the overrides (so that run.json's command alone reproduces the run); and the guider spec with them."""
+    given = {k.lstrip("+") for k in params}
+    applied = {k: v for k, v in (guidance_defaults(model).get(group) or {}).items() if k not in given}
+    return overrides + [f"guidance.{k}={fmt(v)}" for k, v in applied.items()], guider_spec(group, {**params, **applied})
 
 
 def metrics(run: Path) -> dict:
@@ -171,7 +280,7 @@ def grid(spec: dict) -> list[dict]:
 def paired(a: Path, b: Path) -> dict:
     """A - B on shared (prompt, seed) items, cached next to A as paired_vs_<b's set>_<b>.json (a cache written
     before the precision/recall differences existed is recomputed)."""
-    from s2g.eval.run import load_run, paired as paired_runs
+    from s2g.eval.report import load_run, paired as paired_runs
 
     cache = a / f"paired_vs_{b.parent.name}_{b.name}.json"
     if cache.is_file():
@@ -193,26 +302,14 @@ def fidelity(run: Path) -> dict:
         return f
     cache = run / "fidelity_rescored.json"
     if not cache.is_file():
-        from s2g.eval.run import load_run, rescore_fidelity
+        from s2g.eval.report import load_run, rescore_fidelity
         from s2g.runinfo import git_revision
 
         res = rescore_fidelity(load_run(run))
         assert abs(res["frechet"]["mean"] - f["frechet"]["mean"]) < 1e-9 and res["precision"] == f["precision"]
-        cache.write_text(json.dumps({"produced_by": f"s2g.eval.run.rescore_fidelity from features.safetensors "
+        cache.write_text(json.dumps({"produced_by": f"s2g.eval.report.rescore_fidelity from features.safetensors "
                                                     f"(git {git_revision()})", "fidelity": res}, indent=1))
     return json.loads(cache.read_text())["fidelity"]
-
-
-def iv(d: dict, digits: int = 3, signed: bool = False) -> str:
-    f = f"{{:{'+' if signed else ''}.{digits}f}}"
-    if d.get("lo") is None:
-        return f.format(d["mean"])
-    return f"{f.format(d['mean'])} [{f.format(d['lo'])}, {f.format(d['hi'])}]"
-
-
-def _markdown(head: list[str], body: list[list[str]]) -> str:
-    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-                     + ["| " + " | ".join(r) + " |" for r in body])
 
 
 ATTRIBUTES = {"count": "count", "color": "colour", "shape": "shape", "relation": "relation"}
@@ -258,47 +355,13 @@ INTERVALS = ("95% intervals over prompts (a prompt's seeds stay together): boots
 
 
 def plot(points: list[tuple], path: Path, title: str, base: Path | None = None) -> None:
-    """Left: all correct against FD per run, with their own intervals. Right (when a baseline is given, or per row
-    as (label, run, base)): the paired differences to the baseline, with their paired intervals, which are far
-    narrower, since both runs share prompts and noise."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """s2g.eval.report.plot_adherence_fd of runs: all correct against FD per run; and, when a baseline is given
+    (or per row as (label, run, base)), the paired differences to it."""
     lines = [(p[0], p[1], p[2] if len(p) > 2 else base) for p in points]
-    deltas = [(lab, r, b) for lab, r, b in lines if b is not None and b != r]
-    fig, axes = plt.subplots(1, 2 if deltas else 1, figsize=(12 if deltas else 6.5, 4.5), squeeze=False)
-    colour = {label: plt.get_cmap("tab20")(i % 20) for i, (label, _, _) in enumerate(lines)}  # same in both panels
-    ax = axes[0, 0]
-    for label, run, _ in lines:
-        m = metrics(run)
-        a, f = m["adherence"]["overall"]["all"], m["fidelity"]["frechet"]
-        ax.errorbar(f["mean"], a["mean"], yerr=[[a["mean"] - a["lo"]], [a["hi"] - a["mean"]]],
-                    xerr=[[f["mean"] - f["lo"]], [f["hi"] - f["mean"]]], fmt="o", capsize=2, color=colour[label])
-        ax.annotate(label, (f["mean"], a["mean"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("Fréchet distance to real renders (lower is better)")
-    ax.set_ylabel("all correct (higher is better)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    if deltas:
-        ax = axes[0, 1]
-        for label, run, b in deltas:
-            d = paired(run, b)
-            a, f = d["all"], d["frechet"]
-            ax.errorbar(f["mean"], a["mean"], yerr=[[a["mean"] - a["lo"]], [a["hi"] - a["mean"]]],
-                        xerr=[[f["mean"] - f["lo"]], [f["hi"] - f["mean"]]], fmt="o", capsize=2,
-                        color=colour[label])
-            ax.annotate(label, (f["mean"], a["mean"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.axhline(0, color="grey", lw=0.8)
-        ax.axvline(0, color="grey", lw=0.8)
-        ax.set_xlabel("Δ Fréchet distance, paired (left of 0: better)")
-        ax.set_ylabel("Δ all correct, paired (above 0: better)")
-        ax.set_title("paired difference to the baseline (same prompts, same noise)", fontsize=9)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
+    own = [(label, metrics(r)["adherence"]["overall"]["all"], metrics(r)["fidelity"]["frechet"]) for label, r, _ in lines]
+    deltas = [(label, paired(r, b)["all"], paired(r, b)["frechet"]) for label, r, b in lines
+              if b is not None and b != r]
+    plot_adherence_fd(own, path, title, deltas)
 
 
 def write(folder: Path, name: str, text: str) -> None:
@@ -340,9 +403,9 @@ def best(run: Runner, folder: Path) -> None:
     runs = [(f"{name} ({setting(p)})", run("test", METHODS[name][0], p)) for name, p in selected.items()]
     base = run("test", "cfg", selected["cfg"])
     text = [f"# Best against best ({run.model}): every method at its val-selected setting, on test",
-            "", f"Test: {' '.join(SETS['test'])} (600 images per method, 28 Euler steps). Baseline: CFG at its "
+            "", f"Test: {' '.join(set_overrides('test'))} (600 images per method, 28 Euler steps). Baseline: CFG at its "
             f"val-selected scale. {INTERVALS}", "", table(runs, base), "",
-            "## Tuning (val: " + " ".join(SETS["val"]) + ")", "", tuning, ""]
+            "## Tuning (val: " + " ".join(set_overrides("val")) + ")", "", tuning, ""]
     write(folder, "table.md", "\n".join(text))
     plot(runs, folder / "plot.png", f"{run.model}: each method at its val-selected setting (test, 600 images)",
          base)
@@ -360,7 +423,7 @@ def fixed(run: Runner, folder: Path) -> None:
     sel = s2_selected(run.model)
     lam_cfg = sel["cfg"]["scale"]
     points, text = [], [f"# S² on top of CFG at the same λ ({run.model}, test)", "",
-                      f"Test: {' '.join(SETS['test'])} (600 images). {INTERVALS}", ""]
+                      f"Test: {' '.join(set_overrides('test'))} (600 images). {INTERVALS}", ""]
     for lam in dict.fromkeys([PAPER["scale"], lam_cfg]):
         base = run("test", "cfg", {"scale": lam})
         rows = [(f"CFG λ {fmt(lam)}", base)]
@@ -379,7 +442,7 @@ def around_s2(run: Runner, folder: Path, title: str, variants: list[tuple[str, s
     sel = s2_selected(run.model)["s2"]
     base = run("ablation", "cfg", {"scale": sel["scale"]} if base_params is None else base_params)
     rows = [(f"CFG λ {fmt(sel['scale'])}", base)] + [(lab, run("ablation", g, p)) for lab, g, p in variants]
-    text = [f"# {title} ({run.model})", "", f"Ablation set: {' '.join(SETS['ablation'])} (300 images); S²'s "
+    text = [f"# {title} ({run.model})", "", f"Ablation set: {' '.join(set_overrides('ablation'))} (300 images); S²'s "
             f"val-selected setting: {setting(sel)}. Baseline: CFG at the same λ. {INTERVALS}", "",
             table(rows, base, "CFG"), ""]
     write(folder, "table.md", "\n".join(text))
@@ -456,19 +519,15 @@ def kappa(run: Runner, params: dict) -> float:
     from s2g.eval.harness import generate, work_items
     from s2g.eval.prompts import prompt_set
     from s2g.guidance.controls import KappaProbe
-    from s2g.runinfo import build_model
 
     torch.set_num_threads(1)
-    cfg = evaluate_config([f"model={run.model}"])
-    pipe, _ = build_model(cfg.model)
     probes = []
 
     def make(seed):
         probes.append(KappaProbe(**{k: v for k, v in params.items()}, seed=seed))
         return probes[-1]
 
-    generate(pipe, make, work_items(prompt_set("val", 64), [0]), batch_size=32, steps=int(cfg.steps),
-             shift=float(cfg.shift), sampler=cfg.sampler.name, progress=False)
+    generate(run.pipe, make, work_items(prompt_set("val", 64), [0]), batch_size=32, progress=False, **SAMPLING)
     num, den = sum(p._num for p in probes), sum(p._den for p in probes)  # one probe: its sums span both batches
     return num / den
 
@@ -499,53 +558,36 @@ def controls(run: Runner, folder: Path) -> None:
     around_s2(run, folder, f"Controls around S² (κ = {k:.4f} on val, λ_eff = λ − ωκ = {lam_eff:.3f})", variants)
 
 
-def _guider(model: str, group: str, params: dict, seed: int = 0):
-    from hydra.utils import instantiate
-
-    cfg = evaluate_config(overrides_for(model, "val", group, params) + [f"seed={seed}"])
-    return cfg, instantiate(cfg.guidance)
+def _guider(group: str, params: dict, seed: int = 0):
+    """The guider `guidance=<group>` with `params` builds for `seed` (no model defaults: every cost row is explicit)."""
+    return guider_factory(guider_spec(group, params))(seed)
 
 
-def _one_run(pipe, guider, cfg, cond, uncond, noise) -> dict:
-    """One sampling run of a batch: wall time, NFE and block-row work per image (the guided denoiser's counters)."""
-    import torch
+def _one_run(pipe, guider, cond, uncond, noise) -> dict:
+    """One sampling run of a batch: wall time, NFE and block-row work per image (s2g.eval.cost.timed_sampling)."""
+    from s2g.eval.cost import timed_sampling
+    from s2g.sampling import sd3_sigmas
 
-    from s2g.sampling import SAMPLERS, GuidedDenoiser, sd3_sigmas
-
-    if getattr(guider, "weak", "absent") is None:
-        guider.weak = pipe.weak
-    guider.reset(pipe.denoiser.num_blocks)
-    guided = GuidedDenoiser(pipe.denoiser, guider, cond, uncond)
-    t = time.perf_counter()
-    with torch.inference_mode():
-        SAMPLERS[cfg.sampler.name](guided, noise, sd3_sigmas(int(cfg.steps), float(cfg.shift)), progress=False)
-    B = noise.shape[0]
-    return {"seconds_per_image": (time.perf_counter() - t) / B, "nfe": guided.nfe,
-            "block_rows": guided.block_rows / B, "weak_block_rows": guided.other_block_rows / B}
+    r = timed_sampling(pipe.denoiser, guider, cond, uncond, noise, sd3_sigmas(SAMPLING["steps"], SAMPLING["shift"]),
+                       sampler=SAMPLING["sampler"], weak=pipe.weak)
+    return {"seconds_per_image": r["seconds"] / noise.shape[0], "nfe": r["nfe"], "block_rows": r["block_rows"],
+            "weak_block_rows": r["other_block_rows"]}
 
 
 def cost_worker(model: str, name: str, params: dict) -> None:
-    """Fresh process: one 32-image run of one method; prints its peak RSS (the high-water mark is reset after
-    the model is built: Linux clear_refs 5, as scripts/benchmark.py does)."""
+    """Fresh process: one 32-image run of one method; prints its peak RSS (s2g.eval.cost.peak_rss: the high-water
+    mark is reset after the model is built, as scripts/benchmark.py does)."""
     import torch
 
+    from s2g.eval.cost import peak_rss
     from s2g.eval.prompts import prompt_set
-    from s2g.runinfo import build_model
 
     torch.set_num_threads(1)
-    cfg, guider = _guider(model, METHODS[name][0], params)
-    pipe, _ = build_model(cfg.model)
+    guider = _guider(METHODS[name][0], params)
+    pipe = load_model(model)
     cond, uncond = pipe.conditioning(prompt_set("val", 32))
     noise = pipe.noise(32, 0)
-
-    def status(key):  # kB -> MB
-        return int(next(line for line in open("/proc/self/status") if line.startswith(key)).split()[1]) / 1024
-
-    before = status("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    _one_run(pipe, guider, cfg, cond, uncond, noise)
-    print(json.dumps({"peak_rss_mb": status("VmHWM"), "rss_before_sampling_mb": before}))
+    print(json.dumps(peak_rss(lambda: _one_run(pipe, guider, cond, uncond, noise))))
 
 
 def measure_cost(model: str, repeats: int, memory_repeats: int) -> dict:
@@ -554,14 +596,12 @@ def measure_cost(model: str, repeats: int, memory_repeats: int) -> dict:
     import torch
 
     from s2g.eval.prompts import prompt_set
-    from s2g.runinfo import build_model
 
     torch.set_num_threads(1)
     sel = s2_selected(model)
     sel["naive_s2 N 8"] = dict(sel["s2"], num_subnetworks=8)
     names = list(sel)
-    cfg, _ = _guider(model, "cfg", {})
-    pipe, _ = build_model(cfg.model)
+    pipe = load_model(model)
     cond, uncond = pipe.conditioning(prompt_set("val", 32))
     noise = pipe.noise(32, 0)
     group = lambda n: METHODS[n.split()[0]][0]  # noqa: E731
@@ -570,8 +610,7 @@ def measure_cost(model: str, repeats: int, memory_repeats: int) -> dict:
     for r in range(repeats):
         print(f"[{time.strftime('%H:%M:%S')}] timing repeat {r + 1}/{repeats}", flush=True)
         for n in rotate(r):
-            cfg_n, guider = _guider(model, group(n), sel[n])
-            res[n].append(_one_run(pipe, guider, cfg_n, cond, uncond, noise))
+            res[n].append(_one_run(pipe, _guider(group(n), sel[n]), cond, uncond, noise))
     mem = {n: [] for n in names}
     for r in range(memory_repeats):
         print(f"[{time.strftime('%H:%M:%S')}] memory repeat {r + 1}/{memory_repeats}", flush=True)

@@ -83,7 +83,7 @@ def from_run(run: Path, out: Path, failures: bool = False) -> None:
         import hydra
         from omegaconf import OmegaConf
 
-        from s2g.runinfo import build_model
+        from s2g.config import build_model
         cfg = OmegaConf.load(run / "config.yaml")
         torch.set_num_threads(1)
         pipe, _ = build_model(cfg.model)

@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT))
 
 from s2g.eval import SceneEvaluator  # noqa: E402
 from s2g.eval.harness import Item, reference_renders  # noqa: E402
-from s2g.eval.run import load_run  # noqa: E402
+from s2g.eval.report import load_run  # noqa: E402
 from s2g.eval.stats import half_sample_interval, precision_recall  # noqa: E402
 
 

@@ -41,6 +41,10 @@ class Item:
 
 
 def work_items(prompts: list[str], seeds: list[int]) -> list[Item]:
+    """Every (prompt, seed) pair, seed-major: what `evaluate` takes."""
+    seeds = [int(s) for s in seeds]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be a non-empty list of distinct integers, got {seeds}")
     return [Item(k, s, i, p) for k, (s, i, p) in
             enumerate((s, i, p) for s in seeds for i, p in enumerate(prompts))]
 

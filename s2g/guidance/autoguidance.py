@@ -7,6 +7,8 @@ from .base import COND, Guider, Pass, cfg_velocity, check_scale, estimate_from_v
 
 
 class AutoGuidance(Guider):
+    needs_weak_model = True  # the pipeline hands it its weak denoiser (model.weak_checkpoint) when none is given
+
     def __init__(self, scale: float = 2.0, weak=None, interval=(0.0, 1.0)):
         super().__init__(interval)
         self.scale = check_scale("scale", scale)

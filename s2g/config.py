@@ -1,0 +1,64 @@
+"""The one place where Hydra configs become library arguments (scripts/ call it; the library never imports Hydra).
+
+`build_model(cfg.model)` calls the model config's loader (`_target_`); `guider_factory(cfg.guidance)` gives the
+`make_guider(seed)` that s2g.eval.evaluate takes; `apply_guidance_defaults` applies a model config's own guider
+settings; `instantiate` builds any other `_target_` node (user metrics).
+"""
+from __future__ import annotations
+
+from omegaconf import DictConfig, OmegaConf
+
+from . import ASSETS
+from .runinfo import compile_regions
+
+SCRIPT_KEYS = ("default_prompts", "grid", "guidance_defaults")  # model-config keys that only the scripts read
+
+
+def instantiate(node):
+    """A `_target_` config node -> the object it names (Hydra's instantiate)."""
+    import hydra
+
+    return hydra.utils.instantiate(node)
+
+
+def build_model(model_cfg: DictConfig):
+    """(model, script keys): the config's loader (`_target_`) called without the keys only scripts read, which
+    come back as a dict; "embedded" checkpoints mean the weights shipped in s2g/assets (the loader's default),
+    "embedded:<name>" the file s2g/assets/<name>.safetensors."""
+    args = OmegaConf.to_container(model_cfg, resolve=True)
+    extras = {k: args.pop(k) for k in SCRIPT_KEYS if k in args}
+    compile_ = bool(args.pop("compile", False))
+    for key in ("checkpoint", "weak_checkpoint"):
+        if args.get(key) == "embedded":
+            args.pop(key)
+        elif isinstance(args.get(key), str) and args[key].startswith("embedded:"):
+            args[key] = str(ASSETS / f"{args[key][len('embedded:'):]}.safetensors")
+    model = instantiate(args)
+    if compile_:
+        for denoiser in (model.denoiser, model.weak):
+            if denoiser is not None:
+                compile_regions(denoiser)
+    return model, extras
+
+
+def guider_factory(guidance_cfg: DictConfig):
+    """make_guider(seed) -> the configured guider, its own generator (S² masks) seeded with `seed` when it has one."""
+    def make_guider(seed: int):
+        g = OmegaConf.to_container(guidance_cfg, resolve=False)
+        if "seed" in g:
+            g["seed"] = seed  # the guider's own generator (S² masks) follows the image's seed
+        return instantiate(OmegaConf.create(g))
+
+    return make_guider
+
+
+def apply_guidance_defaults(model_cfg: DictConfig, name: str, guidance_cfg: DictConfig, overrides) -> dict:
+    """The model config's own settings for guider `name` (`guidance_defaults: {name: {key: value}}`, e.g. the
+    embedded model's val-selected scale) written into `guidance_cfg`, except the keys the command line sets
+    (`guidance.<key>=...` in `overrides`). Returns {key: value} of what was applied."""
+    given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    defaults = (model_cfg.get("guidance_defaults") or {}).get(name) or {}
+    applied = {k: v for k, v in defaults.items() if f"guidance.{k}" not in given}
+    for k, v in applied.items():
+        OmegaConf.update(guidance_cfg, k, v, force_add=True)
+    return OmegaConf.to_container(OmegaConf.create(applied)) if applied else {}
