@@ -13,6 +13,13 @@ _EXPORTS = {
     "load_wan": ".checkpoint",
     "VAE": ".vae",
     "load_vae": ".vae",
+    "WanVAE": ".wan_vae",
+    "WanVAEConfig": ".wan_vae",
+    "load_wan_vae": ".checkpoint",
+    "UMT5Encoder": ".text.umt5",
+    "load_umt5": ".checkpoint",
+    "WanTextConditioner": ".text.umt5",
+    "load_wan_text": ".text.umt5",
 }
 
 

@@ -479,3 +479,249 @@ def load_wan(source, *, dtype: torch.dtype | None = None, device=None, heads: in
     return build_with_weights(lambda: WanDiT(config), sd, what=f"{name}: checkpoint does not match the inferred "
                               f"Wan DiT", dtype=dtype or sd["patch_embedding.weight"].dtype, device=device,
                               keep_fp32=WanDiT.keep_fp32)
+
+
+# ---------------------------------------------------------------------------------------------- Wan VAE loading
+# diffusers AutoencoderKLWan -> original Wan VAE names (the inverse of diffusers' `convert_wan_vae_to_diffusers`).
+# Layers renamed whole; then the blocks that hold residual blocks (whose parts are renamed too): the encoder's flat
+# `down_blocks` list keeps its indices, the decoder's nested `up_blocks.k.{resnets.j, upsamplers.0}` become one
+# flat `upsamples` list, `mid_block.resnets.{0,1}` become `middle.{0,2}` around the attention `middle.1`.
+_WAN_VAE_LAYERS = {
+    "quant_conv": "conv1", "post_quant_conv": "conv2",
+    **{f"{part}.{a}": f"{part}.{b}" for part in ("encoder", "decoder")
+       for a, b in (("conv_in", "conv1"), ("norm_out", "head.0"), ("conv_out", "head.2"),
+                    ("mid_block.attentions.0", "middle.1"))},
+}
+_WAN_VAE_RESIDUAL = {"norm1": "residual.0", "conv1": "residual.2", "norm2": "residual.3", "conv2": "residual.6",
+                     "conv_shortcut": "shortcut"}
+_WAN_VAE_MARKERS = {"original": "decoder.middle.0.residual.0.gamma",
+                    "diffusers": "decoder.mid_block.resnets.0.norm1.gamma"}
+
+
+def wan_vae_diffusers_to_original(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a diffusers `AutoencoderKLWan` state dict to the original Wan VAE layout (level sizes read off the
+    keys); unknown keys keep their name, so they are reported."""
+    import re
+
+    counts: dict[int, list[int]] = {}  # decoder level k -> [res blocks, upsamplers]
+    for key in sd:
+        if m := re.match(r"decoder\.up_blocks\.(\d+)\.(?:resnets\.(\d+)|upsamplers\.0)\.", key):
+            c, j = counts.setdefault(int(m.group(1)), [0, 0]), m.group(2)
+            if j is None:
+                c[1] = 1
+            else:
+                c[0] = max(c[0], int(j) + 1)
+    start, n = {}, 0
+    for k in sorted(counts):
+        start[k], n = n, n + sum(counts[k])
+    out = {}
+    for key, t in sd.items():
+        if (new := _rename(key, _WAN_VAE_LAYERS)) is not None:
+            out[new] = t
+            continue
+        if m := re.match(r"encoder\.down_blocks\.(\d+)\.(.+)$", key):
+            block, rest = f"encoder.downsamples.{m.group(1)}", m.group(2)
+        elif m := re.match(r"(encoder|decoder)\.mid_block\.resnets\.([01])\.(.+)$", key):
+            block, rest = f"{m.group(1)}.middle.{2 * int(m.group(2))}", m.group(3)
+        elif m := re.match(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)$", key):
+            block, rest = f"decoder.upsamples.{start[int(m.group(1))] + int(m.group(2))}", m.group(3)
+        elif m := re.match(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.(.+)$", key):
+            k = int(m.group(1))
+            block, rest = f"decoder.upsamples.{start[k] + counts[k][0]}", m.group(2)
+        else:
+            out[key] = t
+            continue
+        out[f"{block}.{_rename(rest, _WAN_VAE_RESIDUAL) or rest}"] = t
+    return out
+
+
+def _wan_vae_original_layout(sd: Mapping[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    """Wan VAE tensors in the original bare layout, from either layout, under any prefix (the part of the file
+    under the prefix of the layout's marker key is kept)."""
+    for layout, marker in _WAN_VAE_MARKERS.items():
+        key = next((k for k in sd if k.endswith(marker)), None)
+        if key is not None:
+            prefix = key[:-len(marker)]
+            part = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+            return part if layout == "original" else wan_vae_diffusers_to_original(part)
+    keys = list(sd)
+    hint = "an SD3-style 2-D VAE: load it with load_vae" if any(
+        k.startswith(("decoder.up.", "decoder.up_blocks.", "first_stage_model.")) for k in keys) else (
+        _guess_architecture(keys))
+    raise ValueError(f"{name}: not a Wan 2.1 VAE checkpoint ({hint}; {len(keys)} tensors, first keys: "
+                     f"{', '.join(keys[:3]) or 'none'})")
+
+
+def infer_wan_vae_config(sd: Mapping[str, torch.Tensor], *, latents_mean=None, latents_std=None,
+                         name: str = "state dict"):
+    """WanVAEConfig from an original-layout state dict: the decoder's flat `upsamples` list gives the levels
+    (split at its resampling layers, temporal where they have a `time_conv`), the res blocks per level and the
+    level widths; `decoder.conv1` the latent channels; `encoder.conv1` the base width. The encoder is optional.
+
+    The latent mean / std are not in the weights: Wan 2.1's 16-channel constants unless given."""
+    import re
+
+    from .wan_vae import LATENTS_MEAN, LATENTS_STD, WanVAEConfig
+
+    def need(key):
+        if key not in sd:
+            raise ValueError(f"{name}: cannot infer the Wan VAE configuration, missing tensor {key!r}")
+        return sd[key].shape
+
+    kinds: dict[int, set[str]] = {}
+    for key in sd:
+        if m := re.match(r"decoder\.upsamples\.(\d+)\.([a-z_]+)", key):
+            kinds.setdefault(int(m.group(1)), set()).add(m.group(2))
+    if not kinds or sorted(kinds) != list(range(len(kinds))):
+        raise ValueError(f"{name}: decoder.upsamples indices are missing or not 0..N-1")
+    if any("to_qkv" in v for v in kinds.values()):
+        raise ValueError(f"{name}: attention inside the decoder levels; the Wan 2.1 VAE has it only in the middle")
+    levels, temporal, res = [], [], []  # levels: index of each level's first res block
+    for i in range(len(kinds)):
+        if "resample" in kinds[i]:
+            temporal.append("time_conv" in kinds[i])
+            levels.append(res)
+            res = []
+        else:
+            res.append(i)
+    levels.append(res)
+    sizes = {len(r) for r in levels}
+    if len(sizes) != 1 or 0 in sizes:
+        raise ValueError(f"{name}: decoder levels hold different numbers of res blocks: {[len(r) for r in levels]}")
+    widths = [need(f"decoder.upsamples.{r[0]}.residual.2.weight")[0] for r in levels]  # deepest first
+    z_dim = need("decoder.conv1.weight")[1]
+    has_encoder = any(k.startswith("encoder.") for k in sd)
+    dim = need("encoder.conv1.weight")[0] if has_encoder else widths[-1]
+    rgb_in = need("encoder.conv1.weight")[1] if has_encoder else 3
+    if need("decoder.head.2.weight")[0] != 3 or rgb_in != 3 or any(w % dim for w in widths):
+        raise ValueError(f"{name}: not a Wan 2.1 VAE (input/output channels {rgb_in}/"
+                         f"{sd['decoder.head.2.weight'].shape[0]}, {z_dim} latent channels; Wan 2.2's VAE, with 48 "
+                         f"and patchified frames, is not supported)")
+    if latents_mean is None and latents_std is None:
+        if z_dim != len(LATENTS_MEAN):
+            raise ValueError(f"{name}: {z_dim} latent channels; Wan 2.1's latent mean/std have "
+                             f"{len(LATENTS_MEAN)}: pass latents_mean= and latents_std=")
+        latents_mean, latents_std = LATENTS_MEAN, LATENTS_STD
+    elif latents_mean is None or latents_std is None:
+        raise ValueError("pass both latents_mean and latents_std, or neither")
+    return WanVAEConfig(dim=dim, dim_mult=tuple(w // dim for w in reversed(widths)), num_res_blocks=len(res) - 1,
+                        temporal_downsample=tuple(reversed(temporal)), z_dim=z_dim, has_encoder=has_encoder,
+                        latents_mean=tuple(float(v) for v in latents_mean),
+                        latents_std=tuple(float(v) for v in latents_std))
+
+
+def load_wan_vae(source, *, dtype: torch.dtype | None = torch.float32, device=None, latents_mean=None,
+                 latents_std=None):
+    """Build a `WanVAE` (Wan 2.1) from a checkpoint whose layout and hyper-parameters are read off its tensors.
+
+    `source`: a `.safetensors` file or a state dict, in the original Wan names (`Wan2.1_VAE.pth` converted to
+    safetensors, or the repackaged `wan_2.1_vae.safetensors`; bare or under a prefix) or diffusers'
+    `AutoencoderKLWan` names (its `vae/` folder or file). A decoder-only file loads (`encode` then raises).
+    `dtype`: fp32 by default, as Wan runs its VAE; None keeps the stored one. `latents_mean` / `latents_std`: see
+    `infer_wan_vae_config`. Returned frozen, in eval mode."""
+    from .wan_vae import WanVAE
+
+    name = _source_name(source)
+    sd = _wan_vae_original_layout(load_state_dict(source), name)
+    cfg = infer_wan_vae_config(sd, latents_mean=latents_mean, latents_std=latents_std, name=name)
+    return build_with_weights(lambda: WanVAE(cfg), sd, what=f"{name}: checkpoint does not match the inferred Wan "
+                              f"VAE", dtype=dtype or sd["decoder.conv1.weight"].dtype, device=device)
+
+
+# ------------------------------------------------------------------------------------------------- umT5 loading
+# Wan's own umT5 names (wan/modules/t5.py; `models_t5_umt5-xxl-enc-bf16.pth` once converted to safetensors) ->
+# transformers' UMT5EncoderModel names, which the encoder uses. All one to one.
+UMT5_WAN_BLOCK = {
+    "norm1": "layer.0.layer_norm",
+    "attn.q": "layer.0.SelfAttention.q", "attn.k": "layer.0.SelfAttention.k",
+    "attn.v": "layer.0.SelfAttention.v", "attn.o": "layer.0.SelfAttention.o",
+    "pos_embedding.embedding": "layer.0.SelfAttention.relative_attention_bias",
+    "norm2": "layer.1.layer_norm",
+    "ffn.gate.0": "layer.1.DenseReluDense.wi_0",  # the GELU branch
+    "ffn.fc1": "layer.1.DenseReluDense.wi_1",
+    "ffn.fc2": "layer.1.DenseReluDense.wo",
+}
+UMT5_WAN_TOP = {"token_embedding": "shared", "norm": "encoder.final_layer_norm"}
+_UMT5_MARKERS = {"hf": "encoder.block.0.layer.0.SelfAttention.q.weight", "wan": "blocks.0.attn.q.weight"}
+
+
+def umt5_wan_to_hf(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename Wan's umT5 state dict to transformers' `UMT5EncoderModel` layout; unknown keys keep their name."""
+    out = {}
+    for key, t in sd.items():
+        block, n, rest = key.split(".", 2) if key.count(".") >= 2 else ("", "", "")
+        if block == "blocks" and n.isdigit() and (new := _rename(rest, UMT5_WAN_BLOCK)):
+            out[f"encoder.block.{n}.{new}"] = t
+        else:
+            out[_rename(key, UMT5_WAN_TOP) or key] = t
+    return out
+
+
+def _umt5_hf_layout(sd: Mapping[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    """umT5 encoder tensors in the transformers layout with the embedding as `shared.weight`, from either layout,
+    under any prefix; a full encoder-decoder file's decoder and LM head are dropped."""
+    for layout, marker in _UMT5_MARKERS.items():
+        key = next((k for k in sd if k.endswith(marker)), None)
+        if key is None:
+            continue
+        prefix = key[:-len(marker)]
+        part = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        if layout == "wan":
+            return umt5_wan_to_hf(part)
+        part = {k: v for k, v in part.items() if not k.startswith(("decoder.", "lm_head."))}
+        embed = part.pop("encoder.embed_tokens.weight", None)  # tied to shared.weight in transformers
+        if "shared.weight" not in part and embed is not None:
+            part["shared.weight"] = embed
+        return part
+    keys = list(sd)
+    raise ValueError(f"{name}: not a umT5 encoder checkpoint ({_guess_architecture(keys)}; {len(keys)} tensors, "
+                     f"first keys: {', '.join(keys[:3]) or 'none'})")
+
+
+def infer_umt5_config(sd: Mapping[str, torch.Tensor], name: str = "state dict"):
+    """T5Config of a umT5 encoder (transformers layout): vocabulary and width from `shared`, heads and buckets
+    from a bias table, which every block must have (a T5-v1.1 file has one only in block 0), depth from the
+    highest block, d_kv and d_ff from the projections. max_distance (128) is not in the tensors."""
+    import re
+
+    from .text.t5 import T5Config
+
+    def need(key):
+        if key not in sd:
+            raise ValueError(f"{name}: cannot infer the umT5 configuration, missing tensor {key!r}")
+        return sd[key].shape
+
+    layers = sorted({int(m.group(1)) for k in sd if (m := re.match(r"encoder\.block\.(\d+)\.", k))})
+    if not layers or layers != list(range(layers[-1] + 1)):
+        raise ValueError(f"{name}: encoder.block indices are not 0..N-1: {layers[:5]}")
+    table = "encoder.block.{}.layer.0.SelfAttention.relative_attention_bias.weight"
+    if len(layers) > 1 and table.format(1) not in sd and table.format(0) in sd:
+        raise ValueError(f"{name}: a T5-v1.1 encoder (relative position bias in block 0 only), not umT5: load it "
+                         f"with s2g.models.text.load_t5")
+    if "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" not in sd:
+        raise ValueError(f"{name}: no gated FFN (encoder.block.0.layer.1.DenseReluDense.wi_0): not umT5")
+    vocab, d_model = need("shared.weight")
+    num_buckets, heads = need(table.format(0))
+    return T5Config(vocab_size=vocab, d_model=d_model, layers=len(layers), heads=heads,
+                    d_kv=need("encoder.block.0.layer.0.SelfAttention.q.weight")[0] // heads,
+                    d_ff=need("encoder.block.0.layer.1.DenseReluDense.wi_0.weight")[0], num_buckets=num_buckets)
+
+
+def load_umt5(source, *, dtype: torch.dtype | None = None, device=None):
+    """Build a `UMT5Encoder` (Wan 2.1's text encoder) from a checkpoint whose layout and size are read off its
+    tensors.
+
+    `source`: a `.safetensors` file, a folder of shards or its index, or a state dict, in transformers'
+    `UMT5EncoderModel` names (the diffusers repos' `text_encoder/`, the repackaged `umt5_xxl_fp16.safetensors`;
+    an encoder-decoder file's decoder is ignored) or Wan's own (`models_t5_umt5-xxl-enc-bf16.pth` converted to
+    safetensors), bare or under a prefix. `dtype` None keeps the stored one, except that fp16 becomes bf16
+    (T5 activations overflow fp16; Wan runs umT5 in bf16). Returned frozen, in eval mode."""
+    from .text.umt5 import UMT5Encoder
+
+    name = _source_name(source)
+    sd = _umt5_hf_layout(load_state_dict(source), name)
+    cfg = infer_umt5_config(sd, name)
+    dtype = dtype or sd["shared.weight"].dtype
+    return build_with_weights(lambda: UMT5Encoder(cfg), sd, what=f"{name}: checkpoint does not match the inferred "
+                              f"umT5 encoder", dtype=torch.bfloat16 if dtype == torch.float16 else dtype,
+                              device=device)
