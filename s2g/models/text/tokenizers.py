@@ -10,9 +10,13 @@ we scan the text once with `unicodedata.category`, trying the pattern's alternat
 same leftmost-first matching, with exact Unicode classes (up to the Unicode version of Python's tables).
 Known gaps (none occur in ordinary prompts): `<|startoftext|>`/`<|endoftext|>` typed inside a prompt are matched
 after lower-casing (transformers matches them case-sensitively, before normalisation); `\\s` is `str.isspace`.
+
+UMT5Tokenizer (Wan 2.1's umT5) is the SentencePiece tokenizer after Wan's prompt cleaning (`wan_clean`), padded to
+512 tokens, with the attention mask on request.
 """
 from __future__ import annotations
 
+import html
 import json
 import re
 import unicodedata
@@ -168,3 +172,54 @@ class T5Tokenizer:
             ids = [*self.tokenize(text)[: self.max_length - 1], self.eos_id]
             rows.append(ids + [self.pad_id] * (self.max_length - len(ids)))
         return torch.tensor(rows, dtype=torch.long)
+
+
+# Unicode White_Space (what Wan's `regex` `\s` matches; Python's `re` `\s` also matches U+001C..U+001F).
+_WHITESPACE = re.compile("[\t\n\v\f\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]+")
+_warned_ftfy = False
+
+
+def wan_clean(text: str) -> str:
+    """Wan 2.1's prompt cleaning (wan/modules/tokenizers.py, clean='whitespace'): ftfy.fix_text, HTML entities
+    unescaped twice, whitespace runs collapsed to one space, stripped.
+
+    ftfy matters: it turns fullwidth punctuation into ASCII (Wan's Chinese default negative prompt is full of
+    fullwidth commas) and straightens curly quotes. Without the `ftfy` package that step is skipped, with a
+    warning (diffusers' WanPipeline skips it silently)."""
+    global _warned_ftfy
+    try:
+        import ftfy
+    except ImportError:
+        if not _warned_ftfy:
+            import warnings
+            warnings.warn("ftfy is not installed: Wan's prompt cleaning runs without ftfy.fix_text, so e.g. "
+                          "fullwidth commas stay fullwidth and the tokens differ from Wan's (pip install ftfy)",
+                          stacklevel=2)
+            _warned_ftfy = True
+    else:
+        text = ftfy.fix_text(text)
+    text = html.unescape(html.unescape(text)).strip()
+    return _WHITESPACE.sub(" ", text).strip()
+
+
+class UMT5Tokenizer(T5Tokenizer):
+    """Wan 2.1's text tokenisation: `wan_clean`, then umT5's SentencePiece (the user's `spiece.model` from
+    google/umt5-xxl), EOS (1) appended, truncated (EOS kept) and padded with 0 to `max_length` (Wan: 512).
+    `return_mask=True` also gives the attention mask (1 on the prompt's tokens and its EOS)."""
+
+    def __init__(self, spiece_file, *, max_length: int = 512, clean: bool = True, eos_id: int = 1,
+                 pad_id: int = 0):
+        super().__init__(spiece_file, max_length=max_length, eos_id=eos_id, pad_id=pad_id)
+        self.clean = clean
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.sp.encode(wan_clean(text) if self.clean else text)
+
+    def __call__(self, prompts: str | list[str], *, return_mask: bool = False):
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        rows = [[*self.tokenize(text)[: self.max_length - 1], self.eos_id] for text in prompts]
+        ids = torch.tensor([r + [self.pad_id] * (self.max_length - len(r)) for r in rows], dtype=torch.long)
+        if not return_mask:
+            return ids
+        mask = torch.tensor([[1] * len(r) + [0] * (self.max_length - len(r)) for r in rows], dtype=torch.long)
+        return ids, mask
