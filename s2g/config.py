@@ -1,8 +1,8 @@
 """The one place where Hydra configs become library arguments (scripts/ call it; the library never imports Hydra).
 
 `build_model(cfg.model)` calls the model config's loader (`_target_`); `guider_factory(cfg.guidance)` gives the
-`make_guider(seed)` that s2g.eval.evaluate takes; `apply_guidance_defaults` applies a model config's own guider
-settings; `instantiate` builds any other `_target_` node (user metrics).
+`make_guider(seed)` that s2g.eval.evaluate takes (through s2g.guidance.from_spec); `apply_guidance_defaults`
+applies a model config's own guider settings; `instantiate` builds any other `_target_` node (user metrics).
 """
 from __future__ import annotations
 
@@ -42,12 +42,15 @@ def build_model(model_cfg: DictConfig):
 
 
 def guider_factory(guidance_cfg: DictConfig):
-    """make_guider(seed) -> the configured guider, its own generator (S² masks) seeded with `seed` when it has one."""
+    """make_guider(seed) -> the configured guider (s2g.guidance.from_spec), its own generator (S² masks) seeded
+    with `seed` when the config has one."""
+    from .guidance import from_spec
+
     def make_guider(seed: int):
         g = OmegaConf.to_container(guidance_cfg, resolve=False)
         if "seed" in g:
             g["seed"] = seed  # the guider's own generator (S² masks) follows the image's seed
-        return instantiate(OmegaConf.create(g))
+        return from_spec(OmegaConf.to_container(OmegaConf.create(g), resolve=True))
 
     return make_guider
 

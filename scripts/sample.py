@@ -70,15 +70,16 @@ def _parse(value: str):
 def run(cfg: DictConfig, out_dir: Path) -> Path:
     import torch
 
-    from s2g.pipeline import image_grid, save_png
     from s2g.config import build_model
+    from s2g.guidance import from_spec
+    from s2g.pipeline import image_grid, save_png
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
     out_path = out_dir / cfg.output
     if out_path.exists():
         raise FileExistsError(f"{out_path} exists; outputs are never overwritten (choose output=...)")
     guider_cfgs = guider_configs(cfg)  # unknown names and bad guider parameters fail here, before loading
-    guiders = {name: hydra.utils.instantiate(g) for name, g in guider_cfgs.items()}
+    guiders = {name: from_spec(OmegaConf.to_container(g, resolve=True)) for name, g in guider_cfgs.items()}
 
     pipe, extras = build_model(cfg.model)
     default_prompts, grid_defaults = extras.get("default_prompts"), extras.get("grid") or {}

@@ -218,7 +218,8 @@ def test_s2_masks_reproducible_from_seed_and_reset():
     (lambda: G.CFGZeroStar(zero_init_steps=-1), "zero_init_steps"),
     (lambda: G.SkipLayerGuidance(start=0.5, stop=0.2), "start"),
     (lambda: G.SkipLayerGuidance(layers=[]), "layers"),
-    (lambda: G.build_guider("s3"), "unknown guider 's3'"),
+    (lambda: G.from_spec({"_target_": "s2g.guidance.S3"}), "unknown guider 's2g.guidance.S3'"),
+    (lambda: G.from_spec({"_target_": "s2g.guidance.base.Step"}), "must name a Guider class"),
 ])
 def test_invalid_configuration_fails_at_construction(make, match):
     with pytest.raises(ValueError, match=match):
@@ -235,6 +236,7 @@ def test_every_guidance_yaml_instantiates():
 
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
+    from omegaconf import OmegaConf
 
     configs = Path(__file__).resolve().parents[1] / "configs"
     names = sorted(p.stem for p in (configs / "guidance").glob("*.yaml"))
@@ -243,7 +245,9 @@ def test_every_guidance_yaml_instantiates():
         for name in names:
             cfg = compose(overrides=[f"+guidance={name}", "+seed=11"])
             guider = instantiate(cfg.guidance)
-            assert isinstance(guider, G.GUIDERS[[k for k, v in G.GUIDERS.items() if isinstance(guider, v)][0]])
+            assert isinstance(guider, G.Guider)
+            again = G.from_spec(OmegaConf.to_container(cfg.guidance, resolve=True))  # the scripts' way: the same
+            assert type(again) is type(guider) and vars(again) == vars(guider)
         naive = instantiate(compose(overrides=["+guidance=naive_s2", "+seed=11"]).guidance)
     assert (naive.num_subnetworks, naive.omega, naive.seed, naive.interval) == (4, 0.25, 11, (0.1, 0.9))
 
@@ -303,3 +307,24 @@ def test_kappa_probe_sums_over_every_batch():
     assert both.kappa != pytest.approx(parts[1].kappa)  # the old behaviour: the last batch only
     both.clear()
     assert both.kappa == 0.0
+
+
+def test_adding_a_guider_is_one_module_and_one_yaml(tmp_path, monkeypatch):
+    """What s2g/guidance/README.md says: a Guider subclass in a module and a yaml naming it, nothing registered."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    from s2g.config import guider_factory
+
+    (tmp_path / "my_guidance.py").write_text(
+        "from s2g.guidance.cfg import CFG\n\nclass HalfCFG(CFG):\n    def __init__(self, scale=2.0, interval=(0.0, 1.0)):\n"
+        "        super().__init__(scale / 2, interval)\n")
+    (tmp_path / "guidance").mkdir()
+    (tmp_path / "guidance" / "half.yaml").write_text("_target_: my_guidance.HalfCFG\nscale: 3.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    with initialize_config_dir(config_dir=str(configs), version_base=None):
+        cfg = compose("evaluate", overrides=["guidance=half", f"hydra.searchpath=[file://{tmp_path}]"])
+    guider = guider_factory(cfg.guidance)(0)
+    assert type(guider).__name__ == "HalfCFG" and guider.scale == 1.5

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hydra.utils import get_class
 from tqdm.auto import tqdm
 
-from s2g.guidance import AutoGuidance, S2Guidance
+from s2g.guidance import S2Guidance, from_spec, guider_class
 from s2g.sampling import GuidedDenoiser, SAMPLERS, uniform_sigmas
 
 from s2g.guidance.controls import KappaProbe
@@ -68,19 +67,17 @@ def paired_noise(gmm: GaussianMixture, n_per_class: int, seed: int):
     return torch.randn(len(labels), gmm.dim, generator=g), labels
 
 
-def build_guider(spec: dict, world: World | None = None, seed: int | None = None):
-    """A guider from a spec {_target_: class path, **arguments}; the weak network is supplied to Autoguidance,
+def toy_guider(spec: dict, world: World | None = None, seed: int | None = None):
+    """s2g.guidance.from_spec on the toy: the world's weak network goes to a guider that needs one (Autoguidance),
     and S²-family guiders get `seed` unless the spec pins one."""
-    spec = dict(spec)
-    cls = get_class(spec.pop("_target_"))
-    if issubclass(cls, AutoGuidance):
+    spec = {k: list(v) if hasattr(v, "__iter__") and not isinstance(v, (str, dict)) else v  # yaml lists
+            for k, v in dict(spec).items()}                                              # arrive as ListConfig
+    cls = guider_class(spec.get("_target_"))
+    if getattr(cls, "needs_weak_model", False):
         spec["weak"] = world.weak if world is not None else None
     if issubclass(cls, S2Guidance) and seed is not None:
         spec.setdefault("seed", seed)
-    for k, v in spec.items():  # yaml lists (interval, layers) arrive as ListConfig
-        if hasattr(v, "__iter__") and not isinstance(v, (str, dict)):
-            spec[k] = list(v)
-    return cls(**spec)
+    return from_spec(spec)
 
 
 def generate(denoiser, guider, noise: torch.Tensor, labels: torch.Tensor, null_label: int, steps: int,
@@ -104,7 +101,7 @@ def evaluate(world: World, spec: dict, noise, labels, steps: int, exact: bool = 
              seed: int | None = None):
     """Run one method; returns (samples [n, d] float64 numpy, metrics dict, the guider, states or None).
     S² masks are seeded with `seed` (default: the world's training seed)."""
-    guider = build_guider(spec, world, seed=world.seed if seed is None else seed)
+    guider = toy_guider(spec, world, seed=world.seed if seed is None else seed)
     denoiser = world.exact if exact else world.model
     t0 = time.perf_counter()
     out = generate(denoiser, guider, noise, labels, world.gmm.null_label, steps, record)

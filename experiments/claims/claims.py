@@ -147,16 +147,12 @@ def guider_spec(group: str, params: dict) -> dict:
 
 
 def guider_factory(spec: dict):
-    """make_guider(seed), as scripts/evaluate.py's (s2g.config.guider_factory): a spec with a `seed` (S² masks)
-    takes the image's."""
-    import importlib
-
-    module, _, name = spec["_target_"].rpartition(".")
-    cls = getattr(importlib.import_module(module), name)
-    kwargs = {k: v for k, v in spec.items() if k != "_target_"}
+    """make_guider(seed), as scripts/evaluate.py's (s2g.config.guider_factory): s2g.guidance.from_spec, and a spec
+    with a `seed` (S² masks) takes the image's."""
+    from s2g.guidance import from_spec
 
     def make_guider(seed: int):
-        return cls(**{**kwargs, "seed": seed} if "seed" in kwargs else kwargs)
+        return from_spec(spec, **({"seed": seed} if "seed" in spec else {}))
 
     return make_guider
 

@@ -80,19 +80,13 @@ def from_run(run: Path, out: Path, failures: bool = False) -> None:
             run / "images" / f"seed{it.seed}_{it.prompt_index:05d}.png").convert("RGB"))).permute(2, 0, 1).float()
             / 255 for it in items])
     else:
-        import hydra
         from omegaconf import OmegaConf
 
-        from s2g.config import build_model
+        from s2g.config import build_model, guider_factory
         cfg = OmegaConf.load(run / "config.yaml")
         torch.set_num_threads(1)
         pipe, _ = build_model(cfg.model)
-
-        def make(seed):
-            g = OmegaConf.to_container(cfg.guidance)
-            if "seed" in g:
-                g["seed"] = seed
-            return hydra.utils.instantiate(g)
+        make = guider_factory(cfg.guidance)
         images = generate(pipe, make, items, batch_size=int(cfg.batch_size), steps=int(cfg.steps),
                           shift=float(cfg.shift), sampler=cfg.sampler.name, progress=False)[0]
     rows: list[dict] = []
