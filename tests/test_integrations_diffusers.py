@@ -16,7 +16,7 @@ import torch
 
 import s2g.guidance as G
 from s2g.models import load_mmdit, load_wan
-from s2g.models.sweep import IDENTITY_ATTENTION, smoothed_attention
+from s2g.models.sweep import IDENTITY_ATTENTION, SKIP, smoothed_attention
 from s2g.sampling import sample, sd3_sigmas
 
 diffusers = pytest.importorskip("diffusers")
@@ -155,7 +155,7 @@ def test_hooks_come_off_exactly_also_after_an_error(sd3):
     before = {k: v.clone() for k, v in ref.state_dict().items()}
     with torch.no_grad():
         plain = ref(x, cond["context"], cond["pooled"], timestep=1000 * sigma).sample
-        den(x, sigma, skip={1: IDENTITY_ATTENTION, 2: smoothed_attention(1.0), 3: G.base.SKIP}, **cond)
+        den(x, sigma, skip={1: IDENTITY_ATTENTION, 2: smoothed_attention(1.0), 3: SKIP}, **cond)
         with pytest.raises(RuntimeError):  # a wrong context width fails inside the forward, hooks on
             den(x, sigma, skip={1, 2}, context=torch.randn(2, 7, 41), pooled=cond["pooled"])
         assert hooks_left(ref) == []
@@ -541,13 +541,23 @@ def test_a_diffusers_without_the_guider_api_gets_one_line():
 
 
 @pytest.mark.skipif(diffusers.__version__ != "0.42.1", reason="documents the behaviour of diffusers 0.42.1")
-def test_diffusers_layer_skip_hook_breaks_sd3_as_the_readme_says():
+def test_diffusers_layer_skip_hook_breaks_sd3_and_flux_as_the_readme_says():
+    """The README's three-line reproduction, run as written; and the same hook on Flux swaps the streams."""
+    from pathlib import Path
+
     from diffusers.hooks import LayerSkipConfig, apply_layer_skip
-    ref = sd3_model(layers=3)
-    x, sigma, cond, _ = sd3_inputs(batch=1)
+    readme = (Path(integ.__file__).parent / "README.md").read_text()
+    code = next(b for b in readme.split("```python\n")[1:] if "apply_layer_skip" in b).split("```")[0]
+    assert len([line for line in code.splitlines() if line and not line.startswith("#")]) == 3
+    with pytest.raises(RuntimeError, match=r"shape '\[1, 4, 4, 2, 2, 4\]' is invalid for input of size 80"):
+        exec(code, {})
+    ref = flux_model()
+    x, sigma, cond, _ = flux_inputs()
     apply_layer_skip(ref, LayerSkipConfig(indices=[1], fqn="transformer_blocks"))
-    with pytest.raises(RuntimeError, match="shape .* is invalid for input of size"):
-        ref(x, cond["context"][:1], cond["pooled"][:1], timestep=1000 * sigma[:1])
+    with torch.no_grad():
+        out = ref(integ.pack_flux_latents(x), encoder_hidden_states=cond["context"], pooled_projections=cond["pooled"],
+                  timestep=sigma, img_ids=integ.flux_image_ids(3, 4), txt_ids=torch.zeros(5, 3)).sample
+    assert out.shape[1] == cond["context"].shape[1] != 12  # the text stream's 5 tokens, not the 12 image tokens
 
 
 # ------------------------------------------------------------------------------------------------ grid
