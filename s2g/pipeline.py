@@ -1,6 +1,6 @@
 """Text-to-image: prompts -> conditioning -> guided rectified-flow sampling -> decode -> images.
 
-The pipeline is model-agnostic along two seams:
+The pipeline is model-agnostic along two seams (s2g/sd3.py and s2g/tiny.py load it for their model families):
 - `text_encoder.encode(prompts) -> dict of batched cond tensors` (here {"context", "pooled"}); the empty prompt
   "" gives the unconditional input, as SD3's negative prompt does;
 - `decode(latents) -> images in [0, 1]`: `pixels_to_images` for the pixel-space tiny model, a VAE for SD3.
@@ -15,24 +15,15 @@ generator and never depend on the batch either.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import safe_open
 
+from . import ASSETS  # noqa: F401 - s2g/tiny_video.py imports it from here
 from .guidance.base import row_seed
-from .models.checkpoint import load_mmdit, load_state_dict
 from .models.sweep import check_variants
-from .models.tiny_text import TinyTextEncoder
 from .sampling import sample, sd3_sigmas
-
-ASSETS = Path(__file__).parent / "assets"
-TINY_CHECKPOINT = ASSETS / "tiny.safetensors"
-TINY_WEAK_CHECKPOINT = ASSETS / "tiny_weak.safetensors"
-TEXT_PREFIX = "text_encoders.tiny."
 
 
 def pixels_to_images(x: torch.Tensor) -> torch.Tensor:
@@ -89,14 +80,14 @@ class TextToImage:
         return self.decode(torch.cat(out))
 
 
-# ---------------------------------------------------------------------------------------------- the tiny model
+# ------------------------------------------------------------------------------------------ x̂0-predicting networks
 
 
 class XPrediction(torch.nn.Module):
     """A network that outputs x̂0, seen through the Denoiser seam as a velocity: v = (x - x̂0)/σ.
 
-    The tiny pixel-space model is trained this way (scripts/train_tiny.py, `prediction: x0`); its checkpoint
-    says so in the header. Skipped blocks, `num_blocks` and `forward_shared` pass through, so every guider
+    The embedded pixel-space models are trained this way (scripts/train_tiny.py, `prediction: x0`; their loaders
+    are s2g/tiny.py and s2g/tiny_video.py); a checkpoint says so in its header. Skipped blocks, `num_blocks` and `forward_shared` pass through, so every guider
     (S², SLG) works unchanged. σ = 0 is never evaluated by the samplers (the last step lands on x̂0).
     The conditioning passes through as given (MMDiT: context, pooled; Wan: context), so one wrapper serves
     every family."""
@@ -133,92 +124,15 @@ class XPrediction(torch.nn.Module):
         return [self._velocity(xs[k], sigs[k], o) for k, o in zip(inputs, outs)]
 
 
-def _as_denoiser(net, meta: dict):
-    prediction = meta.get("prediction", "velocity")
-    if prediction not in ("velocity", "x0"):
-        raise ValueError(f"checkpoint header says prediction={prediction!r}; known: velocity, x0")
-    return XPrediction(net) if prediction == "x0" else net
+_MOVED = {"load_tiny", "load_tiny_text", "describe_checkpoint", "TINY_CHECKPOINT", "TINY_WEAK_CHECKPOINT", "TEXT_PREFIX",
+          "image_grid", "save_png"}
 
 
-def _metadata(path) -> dict[str, str]:
-    with safe_open(str(path), framework="pt") as f:
-        return f.metadata() or {}
-
-
-def load_tiny_text(path, dtype: torch.dtype = torch.float32) -> TinyTextEncoder:
-    """The tiny text encoder stored under `text_encoders.tiny.` (vocabulary and sizes in the header)."""
-    state = load_state_dict(path)
-    text_state = {k[len(TEXT_PREFIX):]: v.to(dtype) for k, v in state.items() if k.startswith(TEXT_PREFIX)}
-    if not text_state:
-        raise ValueError(f"{path}: no tensors under {TEXT_PREFIX!r}: not a tiny text-to-image checkpoint")
-    return TinyTextEncoder.from_state_dict(text_state, _metadata(path)).eval()
-
-
-def load_tiny(checkpoint=TINY_CHECKPOINT, weak_checkpoint=TINY_WEAK_CHECKPOINT, image_size: int | None = None,
-              dtype: torch.dtype = torch.float32) -> TextToImage:
-    """The embedded pixel-space model: MMDiT + tiny text encoder from one file, optional weak MMDiT."""
-    checkpoint = Path(checkpoint).expanduser()
-    for key, path in (("checkpoint", checkpoint), ("weak_checkpoint", weak_checkpoint)):
-        if path and not Path(path).expanduser().is_file():
-            raise FileNotFoundError(f"model.{key}: file not found: {path}")
-    text = load_tiny_text(checkpoint, dtype)
-    # load_mmdit reads the model.diffusion_model.* part of the single file; other prefixes are ignored there
-    mmdit = load_mmdit({k: v for k, v in load_state_dict(checkpoint).items() if not k.startswith(TEXT_PREFIX)},
-                       dtype=dtype)
-    meta = _metadata(checkpoint)
-    size = image_size or int(meta.get("image_size", 32))
-    weak = None
-    if weak_checkpoint:
-        weak_path = Path(weak_checkpoint).expanduser()
-        weak = _as_denoiser(load_mmdit(weak_path, dtype=dtype), _metadata(weak_path))
-    return TextToImage(_as_denoiser(mmdit, meta), text, (mmdit.config.in_channels, size, size), pixels_to_images,
-                       weak)
-
-
-# ------------------------------------------------------------------------------------------------------ grids
-
-
-def image_grid(images: torch.Tensor, rows: int, cols: int, pad: int = 2, scale: int = 1,
-               pad_value: float = 0.5) -> torch.Tensor:
-    """[rows*cols, C, H, W] (row-major) -> one [C, H', W'] image, each tile upscaled by `scale` (nearest)."""
-    if images.shape[0] != rows * cols:
-        raise ValueError(f"{images.shape[0]} images do not fill a {rows}x{cols} grid")
-    if scale > 1:
-        images = images.repeat_interleave(scale, -2).repeat_interleave(scale, -1)
-    C, H, W = images.shape[1:]
-    grid = torch.full((C, rows * (H + pad) + pad, cols * (W + pad) + pad), pad_value)
-    for k, img in enumerate(images):
-        r, c = divmod(k, cols)
-        grid[:, pad + r * (H + pad):pad + r * (H + pad) + H, pad + c * (W + pad):pad + c * (W + pad) + W] = img
-    return grid
-
-
-def save_png(image: torch.Tensor, path, row_labels=None, col_labels=None, tile: int | None = None,
-             pad: int = 2) -> None:
-    """Save a [C, H, W] image in [0, 1] as PNG, optionally with text labels left of rows / above columns."""
-    from PIL import Image, ImageDraw
-
-    arr = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-    img = Image.fromarray(arr)
-    if row_labels or col_labels:
-        left = 8 + 6 * max((len(s) for s in row_labels or []), default=0)
-        top = 16 if col_labels else 0
-        canvas = Image.new("RGB", (img.width + left, img.height + top), (255, 255, 255))
-        canvas.paste(img, (left, top))
-        draw = ImageDraw.Draw(canvas)
-        for i, s in enumerate(row_labels or []):
-            draw.text((4, top + pad + i * (tile + pad) + tile // 2 - 5), s, fill=(0, 0, 0))
-        for j, s in enumerate(col_labels or []):
-            draw.text((left + pad + j * (tile + pad) + 2, 2), s, fill=(0, 0, 0))
-        img = canvas
-    img.save(path)
-
-
-def describe_checkpoint(path) -> dict:
-    """The training record stored in a tiny checkpoint's header (command, steps, time, machine, config)."""
-    meta = _metadata(path)
-    out = {k: meta[k] for k in ("command", "steps", "train_seconds", "final_loss", "machine") if k in meta}
-    for key in ("config", "commands"):  # commands: every run a resumed training went through, in order
-        if key in meta:
-            out[key] = json.loads(meta[key])
-    return out
+def __getattr__(name: str):
+    """The embedded model's loader moved to s2g/tiny.py and the grids to s2g/images.py; callers that still import
+    them from here (s2g/tiny_video.py, scripts/train_tiny_video.py, tests/test_integrations_diffusers.py) get them
+    from there."""
+    if name in _MOVED:
+        from . import images, tiny
+        return getattr(tiny if hasattr(tiny, name) else images, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -38,7 +38,7 @@ import torch
 
 from s2g.data.scenes import COLORS, describe, random_scenes, render
 from s2g.guidance import CFG, Conditional
-from s2g.pipeline import describe_checkpoint, load_tiny
+from s2g.tiny import describe_checkpoint, load_tiny
 
 SWAP = ("a red circle left of a blue square", "a blue square left of a red circle")
 # slot of each word (token index, <bos> = 0) in SWAP[0] and in SWAP[1]

@@ -72,7 +72,7 @@ def run(cfg: DictConfig, out_dir: Path) -> Path:
 
     from s2g.config import build_model
     from s2g.guidance import from_spec
-    from s2g.pipeline import image_grid, save_png
+    from s2g.images import image_grid, save_png
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
     out_path = out_dir / cfg.output

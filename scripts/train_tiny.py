@@ -11,37 +11,32 @@ the unconditional velocity that every guider needs. Scenes are drawn on the fly 
 too, so a resumed run sees exactly the batches the uninterrupted one would have.
 
 Everything saved is safetensors: the resumable train state (weights, EMA, Adam moments) and the export in the SD3
-single-file layout (`model.diffusion_model.*` + `text_encoders.tiny.*`, EMA weights) that s2g.pipeline loads.
+single-file layout (`model.diffusion_model.*` + `text_encoders.tiny.*`, EMA weights) that s2g.tiny loads.
 """
 from __future__ import annotations
 
-import os
+from s2g import cli  # noqa: F401 - first: the thread defaults, before torch is imported (s2g/cli.py)
 
-# OpenMP threads that spin while waiting make torch many times slower on a shared or busy CPU (measured here:
-# 2 threads, 4.5 s vs 0.34 s per MMDiT forward). Must be set before torch is imported.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import copy  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
-import copy
-import json
-import math
-import platform
-import sys
-import time
-from pathlib import Path
+import hydra  # noqa: E402
+import torch  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
-import hydra
-import torch
-from omegaconf import DictConfig, OmegaConf
-from safetensors import safe_open
-from safetensors.torch import save_file
-from tqdm import tqdm
+from s2g import training  # noqa: E402
+from s2g.data.scenes import WORDS, random_scenes, render, sample_scenes  # noqa: E402
+from s2g.models.mmdit import MMDiT  # noqa: E402
+from s2g.models.tiny_text import TinyTextEncoder  # noqa: E402
+from s2g.tiny import TEXT_PREFIX, load_tiny_text  # noqa: E402
 
-from s2g.data.scenes import WORDS, random_scenes, render, sample_scenes
-from s2g.models.mmdit import MMDiT
-from s2g.models.tiny_text import TinyTextEncoder
-from s2g.pipeline import load_tiny_text
-
-MMDIT_PREFIX, TEXT_PREFIX = "model.diffusion_model.", "text_encoders.tiny."
+MMDIT_PREFIX = "model.diffusion_model."
 
 
 # ---------------------------------------------------------------------------------------------------------- models
@@ -82,7 +77,7 @@ def total_steps(cfg: DictConfig) -> int:
 def rf_loss(mmdit: MMDiT, text: TinyTextEncoder, images: torch.Tensor, prompts: list[str],
             gen: torch.Generator, uncond_prob: float = 0.1, mean: float = 0.0, std: float = 1.0,
             prediction: str = "x0", sigma_floor: float = 0.05) -> torch.Tensor:
-    """Rectified-flow (velocity) loss on images in [0, 1] (mapped to [-1, 1]); all randomness drawn from `gen`.
+    """s2g.training.rf_loss on images in [0, 1] (mapped to [-1, 1]), the text encoder run on the (dropped) prompts.
 
     prediction="velocity": the network's output is v (SD3). prediction="x0": the output is x̂0 and the velocity
     is v̂ = (x - x̂0)/σ (s2g.pipeline.XPrediction); the loss is the same velocity loss, with σ floored at
@@ -90,20 +85,11 @@ def rf_loss(mmdit: MMDiT, text: TinyTextEncoder, images: torch.Tensor, prompts: 
     learns whole shapes far sooner: a velocity network must also copy 48 noise values per token through its
     width (Li & He 2025, "Back to Basics: Let Denoising Generative Models Denoise"; what we saw in a first run:
     scattered per-patch blobs instead of objects after 1400 steps)."""
-    B = images.shape[0]
-    x0 = images * 2 - 1
-    drop = torch.rand(B, generator=gen) < uncond_prob
-    cond = text.encode(["" if d else p for p, d in zip(prompts, drop.tolist())])
-    sigma = torch.sigmoid(mean + std * torch.randn(B, generator=gen))  # logit-normal
-    eps = torch.randn(x0.shape, generator=gen)
-    s = sigma.view(B, 1, 1, 1)
-    x = (1 - s) * x0 + s * eps
-    out = mmdit(x, sigma, cond["context"], cond["pooled"])
-    if prediction == "velocity":
-        return (out - (eps - x0)).square().mean()
-    if prediction == "x0":  # ‖v̂ - v‖² = ‖x̂0 - x0‖²/σ²
-        return ((out - x0) / s.clamp(min=sigma_floor)).square().mean()
-    raise ValueError(f"prediction must be 'velocity' or 'x0', got {prediction!r}")
+    def predict(x, sigma, dropped):
+        cond = text.encode(dropped)
+        return mmdit(x, sigma, cond["context"], cond["pooled"])
+
+    return training.rf_loss(predict, images * 2 - 1, prompts, gen, uncond_prob, mean, std, prediction, sigma_floor)
 
 
 def scene_kind(scene) -> str:
@@ -137,56 +123,13 @@ def batch(cfg: DictConfig, step: int):
     return images, prompts, gen
 
 
-def lr_at(cfg: DictConfig, step: int, steps: int) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    t = min(1.0, (step - cfg.warmup) / max(1, steps - cfg.warmup))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
-
-
-@torch.no_grad()
-def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p, 1 - decay)
-
-
 # ----------------------------------------------------------------------------------------------------- checkpoints
-
-
-def save_train_state(path: Path, step: int, modules: dict, opt: torch.optim.Optimizer, meta: dict) -> None:
-    tensors = {f"{name}.{k}": v.detach().contiguous() for name, m in modules.items() for k, v in m.state_dict().items()}
-    for i, st in opt.state_dict()["state"].items():
-        for k, v in st.items():
-            tensors[f"opt.{i}.{k}"] = v.detach().reshape(-1) if k == "step" else v.detach().contiguous()
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={**meta, "step": str(step)})
-    tmp.replace(path)  # atomic: a run killed mid-save keeps the previous checkpoint
-
-
-def load_train_state(path: str, modules: dict, opt: torch.optim.Optimizer) -> int:
-    with safe_open(path, framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-        step = int(f.metadata()["step"])
-    for name, m in modules.items():
-        m.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")})
-    state = opt.state_dict()
-    for key, v in tensors.items():
-        if key.startswith("opt."):
-            _, i, k = key.split(".", 2)
-            state["state"].setdefault(int(i), {})[k] = v.reshape(()) if k == "step" else v
-    opt.load_state_dict(state)
-    return step
 
 
 def export(path: Path, mmdit: MMDiT, text: TinyTextEncoder | None, meta: dict, dtype: torch.dtype) -> None:
     """SD3 single-file layout: the MMDiT under model.diffusion_model., the text encoder under text_encoders.tiny."""
-    tensors = {MMDIT_PREFIX + k: v.detach().to(dtype).contiguous() for k, v in mmdit.state_dict().items()}
-    if text is not None:
-        tensors.update({TEXT_PREFIX + k: v.detach().to(dtype).contiguous() for k, v in text.state_dict().items()})
-        meta = {**meta, **text.metadata()}
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
+    parts = {MMDIT_PREFIX: mmdit, **({TEXT_PREFIX: text} if text is not None else {})}
+    training.save_weights(path, parts, {**meta, **text.metadata()} if text is not None else meta, dtype)
 
 
 # ------------------------------------------------------------------------------------------------------------ main
@@ -200,7 +143,7 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     modules = {"mmdit": mmdit, "ema_mmdit": ema_mmdit, **({"text": text, "ema_text": ema_text} if train_text else {})}
     steps = total_steps(cfg)
-    start = load_train_state(cfg.resume, modules, opt) if cfg.resume else 0
+    start = training.load_train_state(cfg.resume, modules, opt)[0] if cfg.resume else 0
 
     meta = {"format": "s2g-tiny", "stage": cfg.stage, "image_size": str(cfg.image_size), "prediction": cfg.prediction,
             "command": " ".join(["python", "scripts/train_tiny.py", *sys.argv[1:]]),
@@ -221,7 +164,7 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
         recent = sum(losses[-cfg.log_every:]) / max(1, len(losses[-cfg.log_every:]))
         m = {**meta, "steps": str(step), "train_seconds": f"{elapsed_before + time.time() - t0:.0f}",
              "final_loss": f"{recent:.5f}"}
-        save_train_state(out_dir / "train_state.safetensors", step, modules, opt, m)
+        training.save_train_state(out_dir / "train_state.safetensors", step, modules, opt, m)
         name = f"tiny{'' if cfg.stage == 'main' else '_weak'}"
         export(out_dir / f"{name}.safetensors", ema_mmdit, ema_text if train_text else None, m,
                getattr(torch, cfg.export_dtype))
@@ -235,7 +178,7 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
     step = start
     for step in bar:
         for g in opt.param_groups:
-            g["lr"] = lr_at(cfg, step, steps)
+            g["lr"] = training.lr_at(step, steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
         images, prompts, gen = batch(cfg, step)
         loss = rf_loss(mmdit, text, images, prompts, gen, cfg.uncond_prob, **cfg.logit_normal,
                        prediction=cfg.prediction, sigma_floor=cfg.sigma_floor)
@@ -243,10 +186,10 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
-        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-        ema_update(ema_mmdit, mmdit, decay)
+        decay = training.ema_decay_at(step, cfg.ema_decay)
+        training.ema_update(ema_mmdit, mmdit, decay)
         if train_text:
-            ema_update(ema_text, text, decay)
+            training.ema_update(ema_text, text, decay)
         losses.append(loss.item())
         if (step + 1) % cfg.log_every == 0:
             avg = sum(losses[-cfg.log_every:]) / cfg.log_every

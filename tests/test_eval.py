@@ -162,7 +162,7 @@ def test_frechet_between_independent_renders_is_at_its_floor(evaluator):
 
 @pytest.fixture(scope="module")
 def tiny_pipe():
-    from s2g.pipeline import load_tiny
+    from s2g.tiny import load_tiny
     return load_tiny()
 
 

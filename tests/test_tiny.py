@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from s2g.data.scenes import COLORS, WORDS, render, random_scenes
 from s2g.models import load_mmdit
 from s2g.models.tiny_text import TinyTextEncoder
-from s2g.pipeline import TINY_CHECKPOINT, TINY_WEAK_CHECKPOINT, describe_checkpoint, load_tiny
+from s2g.tiny import TINY_CHECKPOINT, TINY_WEAK_CHECKPOINT, describe_checkpoint, load_tiny
 
 ROOT = Path(__file__).resolve().parent.parent
 

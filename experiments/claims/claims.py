@@ -47,7 +47,7 @@ from s2g import ASSETS  # noqa: E402
 from s2g.eval.report import interval as iv  # noqa: E402
 from s2g.eval.report import markdown_table as _markdown  # noqa: E402
 from s2g.eval.report import plot_adherence_fd  # noqa: E402
-from s2g.pipeline import load_tiny  # noqa: E402
+from s2g.tiny import load_tiny  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent

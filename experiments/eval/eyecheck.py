@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 from s2g.eval import SceneEvaluator, frechet_distance, prompt_set, score, work_items  # noqa: E402
 from s2g.eval.harness import Item, generate, reference_renders  # noqa: E402
 from s2g.guidance import CFG, Conditional  # noqa: E402
-from s2g.pipeline import load_tiny  # noqa: E402
+from s2g.tiny import load_tiny  # noqa: E402
 
 TILE = 160
 

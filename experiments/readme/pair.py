@@ -19,7 +19,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads s
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from s2g.pipeline import image_grid, load_tiny, save_png  # noqa: E402
+from s2g.images import image_grid, save_png  # noqa: E402
+from s2g.tiny import load_tiny  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = [
@@ -30,7 +31,7 @@ PROMPTS = [
     "a purple triangle left of a yellow circle",
     "a white square above a red triangle",
 ]
-GUIDERS = {"CFG": "cfg", "S2": "s2"}  # column label (the default font has no ²) -> configs/guidance/<name>.yaml
+COLUMNS = {"CFG": "cfg", "S2": "s2"}  # column label (the default font has no ²) -> configs/guidance/<name>.yaml
 
 
 def guider(name: str, seed: int):
@@ -57,13 +58,13 @@ def main() -> None:
     batch = [p for p in PROMPTS for _ in range(args.samples)]
     noise = pipe.noise(len(batch), args.seed)  # one draw, given to both guiders
     images = {}
-    for label, name in GUIDERS.items():
+    for label, name in COLUMNS.items():
         g = guider(name, args.seed)
         print(f"{label}: {g!r}")
         images[label] = pipe(batch, g, seed=args.seed, steps=args.steps, noise=noise)
 
     # columns: CFG 1, S2 1, CFG 2, S2 2, ...: each pair shares its noise
-    cols = [(label, j) for j in range(args.samples) for label in GUIDERS]
+    cols = [(label, j) for j in range(args.samples) for label in COLUMNS]
     tiles = torch.stack([images[label][i * args.samples + j] for i in range(len(PROMPTS)) for label, j in cols])
     scale = 3
     grid = image_grid(tiles, len(PROMPTS), len(cols), scale=scale)

@@ -31,10 +31,11 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import nn
 
+from .. import ASSETS
 from ..data.scenes import COLORS, SHAPES, SIZE_RANGE, coverage, random_scenes
 
 COLOR_NAMES: tuple[str, ...] = tuple(COLORS)
-EVALUATOR_CHECKPOINT = Path(__file__).resolve().parents[1] / "assets" / "evaluator.safetensors"
+EVALUATOR_CHECKPOINT = ASSETS / "evaluator.safetensors"
 IMAGE_SIZE = 32
 
 

@@ -135,7 +135,7 @@ def evaluate(pipe, make_guider, items, *, batch_size: int = 32, steps: int = 28,
     for row, n in zip(rows, nfe):
         row["nfe"] = n
     if save:
-        from ..pipeline import save_png
+        from ..images import save_png
         Path(images_dir).mkdir(parents=True, exist_ok=True)
         for it, img in zip(mine, images):
             save_png(img, Path(images_dir) / f"seed{it.seed}_{it.prompt_index:05d}.png")
@@ -202,7 +202,7 @@ def write_run(run_dir: Path, results: dict, *, config: str, overrides: list[str]
     reproduces the run). Never overwrites. Returns run.json's record."""
     from safetensors.torch import save_file
 
-    from ..pipeline import image_grid, save_png
+    from ..images import image_grid, save_png
 
     run_dir = Path(run_dir)
     check_new_run_dir(run_dir)
