@@ -20,8 +20,8 @@ from s2g.models.sweep import IDENTITY_ATTENTION, SKIP, smoothed_attention
 from s2g.sampling import sample, sd3_sigmas
 
 diffusers = pytest.importorskip("diffusers")
-from diffusers import (FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, SD3Transformer2DModel,  # noqa: E402
-                       WanTransformer3DModel)
+from diffusers import (FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel,  # noqa: E402
+                       QwenImageTransformer2DModel, SD3Transformer2DModel, WanTransformer3DModel)
 
 from s2g.integrations import diffusers as integ  # noqa: E402
 from s2g.integrations.diffusers import DiffusersDenoiser, StochasticSelfGuidance, transformer_blocks  # noqa: E402
@@ -94,6 +94,23 @@ def flux_inputs(batch=2, seed=1):
     sigma = torch.rand(batch, generator=g) * 0.9 + 0.05
     cond = {"context": torch.randn(batch, 5, 32, generator=g), "pooled": torch.randn(batch, 12, generator=g)}
     return x, sigma, cond, {"context": torch.zeros(batch, 5, 32), "pooled": torch.zeros(batch, 12)}
+
+
+# Qwen-Image structure: 3 double-stream blocks over [text; image], a text padding mask.
+def qwen_model(seed=0):
+    return randomize(QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=3,
+                                                 attention_head_dim=16, num_attention_heads=2, joint_attention_dim=24,
+                                                 axes_dims_rope=(4, 6, 6)), seed)
+
+
+def qwen_inputs(batch=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 4, 6, 8, generator=g)
+    sigma = torch.rand(batch, generator=g) * 0.9 + 0.05
+    mask = torch.ones(batch, 5, dtype=torch.bool)
+    mask[-1, 3:] = False  # the last prompt is 3 tokens, padded to 5
+    cond = {"context": torch.randn(batch, 5, 24, generator=g), "context_mask": mask}
+    return x, sigma, cond, {"context": torch.zeros(batch, 5, 24), "context_mask": mask}
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +186,7 @@ def test_block_output_orders_are_the_blocks_own():
     and against diffusers' block registry."""
     from diffusers.hooks._helpers import TransformerBlockRegistry
     x, sigma, cond, _ = flux_inputs()
-    for model in (sd3_model(), flux_model(), wan_model()):
+    for model in (sd3_model(), flux_model(), wan_model(), qwen_model()):
         for block in {type(b): b for b in transformer_blocks(model)}.values():
             hidden_at, encoder_at = integ._BLOCK_OUTPUTS[type(block).__name__]
             meta = TransformerBlockRegistry.get(type(block))
@@ -226,6 +243,43 @@ def test_flux_double_and_single_blocks_are_one_list_and_skip_like_identities():
                      {4: smoothed_attention(math.inf)}):
             out = den(x, sigma, skip=plan, **cond)
             assert torch.isfinite(out).all() and (out - den(x, sigma, **cond)).abs().max() > 1e-3, plan
+    assert hooks_left(ref) == []
+
+
+def test_qwen_image_skips_like_identities_and_takes_a_guider():
+    ref = qwen_model()
+    den = DiffusersDenoiser(ref)
+    x, sigma, cond, uncond = qwen_inputs()
+    kwargs = dict(encoder_hidden_states=cond["context"], encoder_hidden_states_mask=cond["context_mask"],
+                  timestep=sigma, img_shapes=[[(1, 3, 4)]] * 2)
+    with torch.no_grad():
+        for skip in (None, [1], [0, 2]):
+            blocks = list(ref.transformer_blocks)
+            for i in skip or []:
+                ref.transformer_blocks[i] = Identity(encoder_first=True)
+            want = integ.unpack_flux_latents(ref(integ.pack_flux_latents(x), **kwargs).sample, 6, 8)
+            ref.transformer_blocks = torch.nn.ModuleList(blocks)
+            assert torch.equal(den(x, sigma, skip=None if skip is None else set(skip), **cond), want), skip
+        plain = den(x, sigma, **cond)
+        for plan in ({1: IDENTITY_ATTENTION}, {2: smoothed_attention(1.0)}):  # PAG keeps the padding mask
+            out = den(x, sigma, skip=plan, **cond)
+            assert torch.isfinite(out).all() and (out - plain).abs().max() > 1e-2, plan
+        s2 = sample(den, x, sd3_sigmas(3), GUIDERS["s2"](), cond, uncond, progress=False)
+        assert torch.isfinite(s2).all()
+    # Its modular pipeline takes the guider (dict form); at ω = 0 it is ClassifierFreeGuidance bit for bit.
+    from diffusers.guiders import ClassifierFreeGuidance
+    from diffusers.modular_pipelines.qwenimage.modular_blocks_qwenimage import QwenImageCoreDenoiseStep
+    outs = []
+    for guider in (ClassifierFreeGuidance(guidance_scale=4.0), StochasticSelfGuidance(guidance_scale=4.0, s2_scale=0),
+                   StochasticSelfGuidance(guidance_scale=4.0, s2_scale=0.5, drop_ratio=0.34)):
+        pipe = QwenImageCoreDenoiseStep().init_pipeline()
+        pipe.update_components(transformer=ref, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), guider=guider)
+        with torch.no_grad():
+            outs.append(pipe(prompt_embeds=cond["context"][:1], prompt_embeds_mask=cond["context_mask"][:1],
+                             negative_prompt_embeds=uncond["context"][:1],
+                             negative_prompt_embeds_mask=cond["context_mask"][:1], height=48, width=64,
+                             num_inference_steps=4, generator=torch.Generator().manual_seed(0), output="latents"))
+    assert torch.equal(outs[0], outs[1]) and (outs[2] - outs[0]).abs().max() > 1e-3
     assert hooks_left(ref) == []
 
 
@@ -462,6 +516,18 @@ def test_s2_guider_on_flux_in_a_diffusers_style_loop():
     assert hooks_left(ref) == []
 
 
+def test_guider_hooks_of_a_failed_batch_come_off_at_the_next_step():
+    ref = sd3_model(layers=4)
+    guider = StochasticSelfGuidance(s2_start=0.0, drop_ratio=0.5, seed=1)
+    guider.set_state(step=0, num_inference_steps=4, timestep=torch.tensor(999.0))
+    guider.prepare_inputs({"hidden_states": torch.zeros(1)})
+    for _ in range(3):
+        guider.prepare_models(ref)  # cond, uncond, then the sub-network: its two blocks hooked
+    assert len(hooks_left(ref)) == 2 and all(0 not in m for m in guider.masks)
+    guider.set_state(step=1, num_inference_steps=4, timestep=torch.tensor(900.0))  # its forward raised: no cleanup
+    assert hooks_left(ref) == []
+
+
 def test_guider_config_round_trip_and_new(tmp_path):
     guider = StochasticSelfGuidance(guidance_scale=5.0, s2_scale=0.3, num_subnetworks=2, drop_ratio=0.2,
                                     protected_blocks=[0, 1], s2_start=0.2, s2_stop=0.8, interval_unit="sigma",
@@ -504,7 +570,8 @@ def test_guider_windows_and_both_prepare_inputs_forms():
 
 def test_errors_are_one_line():
     with pytest.raises(TypeError, match="supported diffusers transformers: SD3Transformer2DModel, "
-                                        "FluxTransformer2DModel, WanTransformer3DModel") as e:
+                                        "FluxTransformer2DModel, WanTransformer3DModel, "
+                                        "QwenImageTransformer2DModel") as e:
         DiffusersDenoiser(torch.nn.Linear(2, 2))
     assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match=r"protected_blocks \[4\] out of range: valid block indices are 0..3") as e:

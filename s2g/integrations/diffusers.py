@@ -54,7 +54,8 @@ class _Family:
     image_tokens: Callable  # x -> (number of image tokens, grid for SEG: (h, w) or (f, h, w))
     text_first: bool  # joint attention over [text; image] (Flux) or [image; text] (SD3)
     attentions: tuple[str, ...]  # self/joint attention submodules of a block (those present are used)
-    keys: tuple[str, ...]  # the conditioning keywords the call takes (s2g names)
+    keys: tuple[str, ...]  # the conditioning keywords the call needs (s2g names)
+    optional: tuple[str, ...] = ()  # and those it may take
 
 
 # Each block class's return order: (index of the hidden states, index of the encoder states or None), and the
@@ -65,6 +66,7 @@ _BLOCK_OUTPUTS = {
     "FluxTransformerBlock": (1, 0),
     "FluxSingleTransformerBlock": (1, 0),
     "WanTransformerBlock": (0, None),
+    "QwenImageTransformerBlock": (1, 0),
 }
 
 
@@ -134,6 +136,20 @@ def _flux_tokens(d, x):
     return (x.shape[-2] // 2) * (x.shape[-1] // 2), (x.shape[-2] // 2, x.shape[-1] // 2)
 
 
+def _qwen_call(d, x, sigma, cond):
+    t = d.transformer
+    if x.ndim != 4 or x.shape[-1] % 2 or x.shape[-2] % 2:
+        raise ValueError(f"Qwen-Image takes latents [B, C, H, W] with even H and W, got {list(x.shape)}")
+    B, C, H, W = x.shape
+    if 4 * C != t.config.in_channels:
+        raise ValueError(f"latent has {C} channels, this Qwen-Image expects {t.config.in_channels // 4}")
+    mask = cond.get("context_mask")
+    out = t(hidden_states=pack_flux_latents(x).to(t.dtype), encoder_hidden_states=cond["context"].to(t.dtype),
+            encoder_hidden_states_mask=mask, timestep=sigma, img_shapes=[[(1, H // 2, W // 2)]] * B,
+            return_dict=False)[0]
+    return unpack_flux_latents(out, H, W)
+
+
 FAMILIES = {
     f.cls_name: f for f in (
         _Family("SD3Transformer2DModel", ("transformer_blocks",), _sd3_call, _sd3_tokens, False, ("attn", "attn2"),
@@ -141,6 +157,8 @@ FAMILIES = {
         _Family("FluxTransformer2DModel", ("transformer_blocks", "single_transformer_blocks"), _flux_call,
                 _flux_tokens, True, ("attn",), ("context", "pooled")),
         _Family("WanTransformer3DModel", ("blocks",), _wan_call, _wan_tokens, False, ("attn1",), ("context",)),
+        _Family("QwenImageTransformer2DModel", ("transformer_blocks",), _qwen_call, _flux_tokens, True, ("attn",),
+                ("context",), ("context_mask",)),
     )
 }
 SUPPORTED = tuple(FAMILIES)
@@ -218,11 +236,14 @@ class _IdentityAttentionMode(torch.overrides.TorchFunctionMode):
         if func is torch.nn.functional.scaled_dot_product_attention:
             q = kwargs.get("query", args[0] if args else None)
             L, Lx = q.shape[-2], self.image_tokens
-            if kwargs.get("attn_mask") is not None or (len(args) > 3 and args[3] is not None):
-                raise NotImplementedError("identity_attention on an attention that already has a mask")
             start = L - Lx if self.text_first else 0
             mask = torch.ones(L, L, dtype=torch.bool, device=q.device)
             mask[start:start + Lx, start:start + Lx] = torch.eye(Lx, dtype=torch.bool, device=q.device)
+            if len(args) > 3:
+                args, kwargs = args[:3], {**kwargs, "attn_mask": args[3]}
+            given = kwargs.get("attn_mask")  # e.g. Qwen-Image's text padding mask: keep it
+            if given is not None:
+                mask = mask & given if given.dtype == torch.bool else given.masked_fill(~mask, float("-inf"))
             kwargs = {**kwargs, "attn_mask": mask}
         return func(*args, **kwargs)
 
@@ -307,13 +328,15 @@ class DiffusersDenoiser:
 
     def __call__(self, x: Tensor, sigma, skip=None, **cond) -> Tensor:
         plan = self.check_plan(skip)
-        missing = [k for k in self.family.keys if k not in cond]
-        unknown = sorted(set(cond) - set(self.family.keys))
+        fam = self.family
+        missing = [k for k in fam.keys if k not in cond]
+        unknown = sorted(set(cond) - set(fam.keys) - set(fam.optional))
         if missing or unknown:
-            raise ValueError(f"{self.family.cls_name} takes the conditioning {', '.join(self.family.keys)}; "
+            optional = f" (optional: {', '.join(fam.optional)})" if fam.optional else ""
+            raise ValueError(f"{fam.cls_name} takes the conditioning {', '.join(fam.keys)}{optional}; "
                              f"missing {missing}, unknown {unknown}")
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(x.shape[0])
-        with torch.no_grad(), perturbed(self, plan, x):
+        with perturbed(self, plan, x):
             v = self.family.call(self, x, sigma, cond)
         return v.to(x.dtype)
 
@@ -431,6 +454,7 @@ if _BaseGuidance is not None:
 
         # -- state ------------------------------------------------------------------------------------------
         def set_state(self, step, num_inference_steps, timestep) -> None:
+            self.cleanup_models(None)  # hooks left by a batch whose forward raised
             super().set_state(step, num_inference_steps, timestep)
             if step == 0 or self._generator is None:
                 self._generator = as_generator(self.seed)
@@ -503,6 +527,7 @@ if _BaseGuidance is not None:
                           for _ in range(self.num_subnetworks)]
 
         def prepare_models(self, denoiser: torch.nn.Module) -> None:
+            self.cleanup_models(denoiser)
             self._count_prepared += 1
             first_skip = 1 + int(self._is_cfg_enabled())  # 0-based index of the first sub-network batch
             j = self._count_prepared - 1 - first_skip
