@@ -181,6 +181,28 @@ def test_hooks_come_off_exactly_also_after_an_error(sd3):
     assert all(type(b).forward is b.forward.__func__ for b in transformer_blocks(ref))
 
 
+class Untouched:
+    """An attention processor that neither calls `to_q` nor torch's sdpa (as a flash-attention backend would not)."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        return hidden_states if encoder_hidden_states is None else (hidden_states, encoder_hidden_states)
+
+
+def test_pag_and_seg_that_cannot_act_stop_with_one_line():
+    ref = sd3_model()
+    den = DiffusersDenoiser(ref)
+    x, sigma, cond, _ = sd3_inputs()
+    ref.transformer_blocks[2].attn.set_processor(Untouched())
+    with torch.no_grad():
+        den(x, sigma, skip={1: IDENTITY_ATTENTION}, **cond)  # other blocks are fine
+        for plan in ({2: IDENTITY_ATTENTION}, {2: smoothed_attention(1.0)}):
+            with pytest.raises(RuntimeError, match="on block 2 of SD3Transformer2DModel never acted: it needs the "
+                                                   "native attention backend") as e:
+                den(x, sigma, skip=plan, **cond)
+            assert "\n" not in str(e.value)
+    assert hooks_left(ref) == []
+
+
 def test_block_output_orders_are_the_blocks_own():
     """Our table of output orders against each block's actual forward (hidden and encoder of different lengths),
     and against diffusers' block registry."""

@@ -227,13 +227,14 @@ class _IdentityAttentionMode(torch.overrides.TorchFunctionMode):
     """Inside one self/joint attention: each image token attends only to itself among the image tokens and still
     to every text token; text queries unchanged (PAG, as s2g's MMDiT and diffusers' PAGJointAttnProcessor2_0)."""
 
-    def __init__(self, image_tokens: int, text_first: bool):
+    def __init__(self, image_tokens: int, text_first: bool, seen: list):
         super().__init__()
-        self.image_tokens, self.text_first = image_tokens, text_first
+        self.image_tokens, self.text_first, self.seen = image_tokens, text_first, seen
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.nn.functional.scaled_dot_product_attention:
+            self.seen[0] += 1
             q = kwargs.get("query", args[0] if args else None)
             L, Lx = q.shape[-2], self.image_tokens
             start = L - Lx if self.text_first else 0
@@ -251,8 +252,10 @@ class _IdentityAttentionMode(torch.overrides.TorchFunctionMode):
 @contextmanager
 def perturbed(denoiser: "DiffusersDenoiser", plan: dict, x: Tensor):
     """The transformer with `plan` ({block: Perturbation}) applied for the duration of the block; every hook is
-    removed on exit, leaving the model exactly as it was."""
+    removed on exit, leaving the model exactly as it was. A PAG or SEG hook that never fired (another attention
+    backend than torch's sdpa, fused qkv projections) stops with one line instead of doing nothing."""
     removers: list[Callable] = []
+    fired: dict[int, list] = {}  # block -> [number of times its perturbation acted]
     fam, blocks = denoiser.family, denoiser.blocks
     try:
         if plan:
@@ -263,26 +266,34 @@ def perturbed(denoiser: "DiffusersDenoiser", plan: dict, x: Tensor):
                 removers.append(_ForwardOverride(block, _skip_forward(block)).remove)
                 continue
             attns = [getattr(block, a) for a in fam.attentions if getattr(block, a, None) is not None]
+            seen = fired[i] = [0]
             if p.kind == "identity_attention":
-                def forward(inner, *args, **kwargs):
-                    with _IdentityAttentionMode(Lx, fam.text_first):
+                def forward(inner, *args, _seen=seen, **kwargs):
+                    with _IdentityAttentionMode(Lx, fam.text_first, _seen):
                         return inner(*args, **kwargs)
                 removers += [_ForwardOverride(a, forward).remove for a in attns]
             elif p.kind == "smoothed_attention":
                 for a in attns:
-                    removers.append(a.to_q.register_forward_hook(_blur_hook(Lx, grid, p.sigma, fam.text_first)).remove)
+                    hook = _blur_hook(Lx, grid, p.sigma, fam.text_first, seen)
+                    removers.append(a.to_q.register_forward_hook(hook).remove)
         yield
+        for i, seen in fired.items():
+            if not seen[0]:
+                raise RuntimeError(f"{plan[i].kind} on block {i} of {fam.cls_name} never acted: it needs the "
+                                   "native attention backend (torch's scaled_dot_product_attention) and unfused "
+                                   "q/k/v projections")
     finally:
         for remove in reversed(removers):
             remove()
 
 
-def _blur_hook(Lx: int, grid: tuple, sigma: float, text_first: bool):
+def _blur_hook(Lx: int, grid: tuple, sigma: float, text_first: bool, seen: list):
     """SEG: the image queries (the output of `to_q`, before any qk-norm) blurred over their token grid (each
     frame's (h, w) grid for a video), the text queries of a single-stream block left alone."""
     hw = grid[-2:]
 
     def hook(module, args, q):
+        seen[0] += 1
         L = q.shape[1]
         start = L - Lx if text_first else 0
         img = q[:, start:start + Lx]
