@@ -12,16 +12,15 @@ from s2g.models import UMT5Encoder, load_umt5, load_wan_text
 from s2g.models.checkpoint import infer_umt5_config
 from s2g.models.text import UMT5Tokenizer
 from s2g.models.text.tokenizers import wan_clean
-from s2g.models.text.umt5 import UMT5_XXL
+from s2g.models.text.umt5 import UMT5_XXL, WAN_NEGATIVE_PROMPT
 
 transformers = pytest.importorskip("transformers")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TOL = 1e-5  # measured: encoder 1.4e-6, conditioning 1.2e-6 (hidden states ~1-4)
-VOCAB = 100
-# Wan's default negative prompt (wan/configs/shared_config.py), part of it: fullwidth commas, Chinese.
-NEG = "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的"
+TOL = 1e-5  # measured: encoder 1.0e-6, conditioning 1.1e-6 (hidden states up to ~4)
+VOCAB = 128
+NEG = WAN_NEGATIVE_PROMPT  # Chinese, with fullwidth commas
 CORPUS = ("a red fox runs through the snow in slow motion, cinematic lighting, the camera pans left. two cats play "
           "with a ball of yarn on a wooden floor; close-up, shallow depth of field. " + NEG + " 3.14 café naïve")
 PROMPTS = [

@@ -5,8 +5,8 @@ from .clip import CLIPTextEncoder, load_clip
 from .sd3 import SD3TextConditioner, load_sd3_text
 from .t5 import T5Encoder, load_t5
 from .tokenizers import CLIPTokenizer, T5Tokenizer, UMT5Tokenizer
-from .umt5 import UMT5Encoder, WanTextConditioner, load_wan_text
+from .umt5 import WAN_NEGATIVE_PROMPT, UMT5Encoder, WanTextConditioner, load_wan_text
 
 __all__ = ["CLIPTextEncoder", "load_clip", "T5Encoder", "load_t5", "CLIPTokenizer", "T5Tokenizer",
            "SD3TextConditioner", "load_sd3_text", "UMT5Encoder", "UMT5Tokenizer", "WanTextConditioner",
-           "load_wan_text"]
+           "load_wan_text", "WAN_NEGATIVE_PROMPT"]

@@ -205,7 +205,8 @@ def wan_clean(text: str) -> str:
 class UMT5Tokenizer(T5Tokenizer):
     """Wan 2.1's text tokenisation: `wan_clean`, then umT5's SentencePiece (the user's `spiece.model` from
     google/umt5-xxl), EOS (1) appended, truncated (EOS kept) and padded with 0 to `max_length` (Wan: 512).
-    `return_mask=True` also gives the attention mask (1 on the prompt's tokens and its EOS)."""
+    `return_mask=True` also gives the attention mask (1 on the prompt's tokens and its EOS). Known gap: the
+    `<extra_id_N>` sentinels that transformers adds as special tokens are not matched inside a prompt."""
 
     def __init__(self, spiece_file, *, max_length: int = 512, clean: bool = True, eos_id: int = 1,
                  pad_id: int = 0):

@@ -20,6 +20,14 @@ from .tokenizers import UMT5Tokenizer
 
 UMT5_XXL = T5Config(vocab_size=256384, d_model=4096, layers=24, heads=64, d_kv=64, d_ff=10240)
 
+# Wan 2.1's default negative prompt, the unconditional text whenever none is given (wan/configs/shared_config.py
+# `sample_neg_prompt`). diffusers' WanPipeline uses "" instead, which gives different samples.
+WAN_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+    "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸"
+    "形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
+
 
 class UMT5Stack(nn.Module):  # `encoder.*`
     def __init__(self, cfg: T5Config):
