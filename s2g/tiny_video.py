@@ -13,12 +13,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from .data.clips import parse_video_prompt
 from .models.checkpoint import load_state_dict, load_wan
 from .models.tiny_text import TinyTextEncoder
-from .pipeline import ASSETS, TEXT_PREFIX, XPrediction
+from . import ASSETS
+from .pipeline import XPrediction
+from .tiny import TEXT_PREFIX, _metadata
 from .video import TextToVideo, pixel_clips
 
 TINY_VIDEO_CHECKPOINT = ASSETS / "tiny_video.safetensors"
@@ -39,11 +40,6 @@ class GrammarTextEncoder(torch.nn.Module):
             if p != "":
                 parse_video_prompt(p)
         return {"context": self.text.encode(list(prompts))["context"]}
-
-
-def _metadata(path) -> dict[str, str]:
-    with safe_open(str(path), framework="pt") as f:
-        return f.metadata() or {}
 
 
 def _dit(path: Path, dtype: torch.dtype):

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from s2g.data.clips import WORDS, clip_for_prompt, random_video_prompts, render_clips
 from s2g.models.tiny_text import TinyTextEncoder
 from s2g.models.wan import WanDiT
-from s2g.pipeline import load_tiny_text
+from s2g.tiny import load_tiny_text
 from s2g.training import (ema_decay_at, ema_update, load_train_state, lr_at, rf_loss, save_train_state,
                           save_weights)
 
