@@ -475,11 +475,15 @@ def test_s2_guider_at_omega_zero_is_cfg_bit_for_bit(sd3):
     assert torch.equal(a, b) and (a - c).abs().max() > 1e-4
 
 
-def wan_modular(ref, guider):
+def wan_pipeline(ref, guider, scheduler):
     from diffusers.modular_pipelines.wan.modular_blocks_wan import WanCoreDenoiseStep
     pipe = WanCoreDenoiseStep().init_pipeline()
-    pipe.update_components(transformer=ref, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), guider=guider)
+    pipe.update_components(transformer=ref, scheduler=scheduler, guider=guider)
     return pipe
+
+
+def wan_modular(ref, guider):
+    return wan_pipeline(ref, guider, FlowMatchEulerDiscreteScheduler(shift=3.0))
 
 
 def test_s2_guider_in_the_wan_modular_pipeline_equals_native_s2(wan):
@@ -504,6 +508,36 @@ def test_s2_guider_in_the_wan_modular_pipeline_equals_native_s2(wan):
         err = (got - want).abs().max().item()
         assert err <= 4 * WAN_TOL, f"{form}: max |diff| {err:.2e}"
     assert hooks_left(ref) == []
+
+
+def test_s2_guider_with_wans_own_unipc_and_integer_timesteps_equals_native_s2(wan):
+    """Wan's sampling as its pipelines configure it: diffusers' flow UniPC on Wan's grid, the DiT fed the integer
+    timesteps; natively s2g's `sample_unipc` on `wan_sigmas`, our Wan behind `DiscreteTimesteps`."""
+    import numpy as np
+    from diffusers import UniPCMultistepScheduler
+
+    from s2g.sampling import DiscreteTimesteps, wan_sigmas, wan_timesteps
+    ref, ours = wan
+    x, _, cond, uncond = wan_inputs(batch=1, seed=10)
+    steps, shift = 6, 5.0
+    guider = StochasticSelfGuidance(guidance_scale=5.0, s2_scale=0.5, drop_ratio=0.25, seed=4)
+    drawn = Recorder.diffusers(guider)
+    pipe = wan_pipeline(ref, guider, UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=shift))
+    sigma_max = float(torch.tensor(1 - 1 / 1000, dtype=torch.float32))
+    with torch.no_grad():
+        got = pipe(prompt_embeds=cond["context"], negative_prompt_embeds=uncond["context"], num_frames=5,
+                   height=32, width=48, sigmas=np.linspace(sigma_max, 0, steps + 1)[:-1],
+                   num_inference_steps=steps, latents=x.clone(), output="latents")
+        sigmas = wan_sigmas(steps, shift)
+        native = G.S2Guidance(5.0, 0.5, drop_ratio=0.25, seed=4)
+        masks = Recorder.native(native)
+        want = sample(DiscreteTimesteps(ours, sigmas, wan_timesteps(steps, shift)), x, sigmas, native, cond, uncond,
+                      sampler="unipc", progress=False)
+    assert torch.equal(pipe.scheduler.timesteps, wan_timesteps(steps, shift))
+    assert drawn == [(m,) for m in masks] and len(drawn) == 5  # int(0.6) <= i < int(5.4): steps 0-4
+    err = (got - want).abs().max().item()
+    assert err <= 4 * WAN_TOL, f"max |diff| {err:.2e}"
 
 
 def test_s2_guider_on_flux_in_a_diffusers_style_loop():
