@@ -207,7 +207,6 @@ def test_block_output_orders_are_the_blocks_own():
     """Our table of output orders against each block's actual forward (hidden and encoder of different lengths),
     and against diffusers' block registry."""
     from diffusers.hooks._helpers import TransformerBlockRegistry
-    x, sigma, cond, _ = flux_inputs()
     for model in (sd3_model(), flux_model(), wan_model(), qwen_model()):
         for block in {type(b): b for b in transformer_blocks(model)}.values():
             hidden_at, encoder_at = integ._BLOCK_OUTPUTS[type(block).__name__]
@@ -681,6 +680,12 @@ def test_diffusers_layer_skip_hook_breaks_sd3_and_flux_as_the_readme_says():
         out = ref(integ.pack_flux_latents(x), encoder_hidden_states=cond["context"], pooled_projections=cond["pooled"],
                   timestep=sigma, img_ids=integ.flux_image_ids(3, 4), txt_ids=torch.zeros(5, 3)).sample
     assert out.shape[1] == cond["context"].shape[1] != 12  # the text stream's 5 tokens, not the 12 image tokens
+    ref = wan_model()  # one stream: skipped correctly
+    x, sigma, cond, _ = wan_inputs()
+    with torch.no_grad():
+        want = DiffusersDenoiser(ref)(x, sigma, skip={1}, **cond)
+        apply_layer_skip(ref, LayerSkipConfig(indices=[1], fqn="blocks"))
+        assert torch.equal(ref(x, 1000 * sigma, cond["context"]).sample, want)
 
 
 # ------------------------------------------------------------------------------------------------ grid
