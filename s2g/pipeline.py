@@ -38,12 +38,14 @@ class TextToImage:
     latent_shape: tuple[int, int, int]  # (C, H, W) of one sample
     decode: Callable = pixels_to_images
     weak: Callable | None = None  # Autoguidance's weak denoiser, if the model config names one
+    schedule: Callable = sd3_sigmas  # (steps, shift) -> σ grid; Wan brings its own (s2g.sampling.wan_sigmas)
+    negative_prompt: str = ""  # the unconditional text (SD3 and the tiny models: ""; Wan: its default negative)
 
     @torch.no_grad()
     def conditioning(self, prompts: list[str]) -> tuple[dict, dict]:
-        """(cond, uncond) for the prompts; the unconditional input is the encoding of ""."""
+        """(cond, uncond) for the prompts; the unconditional input is the encoding of `negative_prompt`."""
         cond = self.text_encoder.encode(list(prompts))
-        uncond = self.text_encoder.encode([""] * len(prompts))
+        uncond = self.text_encoder.encode([self.negative_prompt] * len(prompts))
         return cond, uncond
 
     def noise(self, n: int, seed: int) -> torch.Tensor:
@@ -69,7 +71,7 @@ class TextToImage:
             row_seeds = [row_seed(seed, i) for i in range(len(prompts))]
         if len(row_seeds) != len(prompts):
             raise ValueError(f"{len(row_seeds)} row seeds for {len(prompts)} prompts")
-        sigmas = sd3_sigmas(steps, shift)
+        sigmas = self.schedule(steps, shift)
         batch_size = batch_size or len(prompts)
         out = []
         for i in range(0, len(prompts), batch_size):
