@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from s2g import cli  # noqa: F401 - first: the thread defaults, before torch is imported (s2g/cli.py)
+from s2g import cli  # noqa: F401 - first: sets the thread defaults before torch is imported (s2g/cli.py)
 
 import torch  # noqa: E402
 

@@ -14,7 +14,7 @@ the (prompt, seed) pairs, rank 0 gathers them and computes the metrics once: the
 """
 from __future__ import annotations
 
-from s2g import cli  # first: sets the thread defaults before torch is imported (see s2g/cli.py)
+from s2g import cli  # first: sets the thread defaults before torch is imported (s2g/cli.py)
 
 cli.one_blas_thread()
 import os  # noqa: E402
@@ -93,7 +93,8 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
     if logger is not None:
         import wandb
 
-        logger.log({"metrics": cli.flat_metrics(results["metrics"]), "samples": wandb.Image(str(run_dir / "samples.png"))})
+        logger.log({"metrics": cli.flat_metrics(results["metrics"]),
+                    "samples": wandb.Image(str(run_dir / "samples.png"))})
         logger.finish()
 
 

@@ -24,21 +24,19 @@
 """
 from __future__ import annotations
 
-import os
+from s2g import cli  # noqa: F401 - first: sets the thread defaults before torch is imported (s2g/cli.py)
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spinning OpenMP waits on a shared CPU
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
-import argparse
-import json
-import sys
-import time
-from pathlib import Path
+import torch  # noqa: E402
 
-import torch
-
-from s2g.data.scenes import COLORS, describe, random_scenes, render
-from s2g.guidance import CFG, Conditional
-from s2g.tiny import describe_checkpoint, load_tiny
+from s2g.data.scenes import COLORS, describe, random_scenes, render  # noqa: E402
+from s2g.guidance import CFG, Conditional  # noqa: E402
+from s2g.tiny import describe_checkpoint, load_tiny  # noqa: E402
 
 SWAP = ("a red circle left of a blue square", "a blue square left of a red circle")
 # slot of each word (token index, <bos> = 0) in SWAP[0] and in SWAP[1]

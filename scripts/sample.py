@@ -13,20 +13,16 @@ guider that has that key.
 """
 from __future__ import annotations
 
-import os
+from s2g import cli  # first: sets the thread defaults before torch is imported (s2g/cli.py)
 
-# OpenMP threads that spin while waiting make torch many times slower on a shared or busy CPU (measured here:
-# 2 threads, 4.5 s vs 0.34 s per MMDiT forward). Must be set before torch is imported.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-import json
-import sys
-import time
-from pathlib import Path
+import json  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
-
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 
 def guider_configs(cfg: DictConfig) -> dict[str, DictConfig]:
@@ -123,33 +119,20 @@ def run(cfg: DictConfig, out_dir: Path) -> Path:
               "output": str(out_path), "command": " ".join(["python", "scripts/sample.py", *sys.argv[1:]])}
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     (out_dir / "run.json").write_text(json.dumps(record, indent=2))
-    if cfg.logger.name == "wandb":
+    logger = cli.wandb_logger(cfg.logger, out_dir, {**OmegaConf.to_container(cfg, resolve=True), **record})
+    if logger is not None:
         import wandb
 
-        run_ = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, mode=cfg.logger.mode,
-                          tags=list(cfg.logger.tags), dir=str(out_dir),
-                          config={**OmegaConf.to_container(cfg, resolve=True), **record})
-        run_.log({"grid": wandb.Image(str(out_path), caption=" | ".join(prompts))})
-        run_.finish()
+        logger.log({"grid": wandb.Image(str(out_path), caption=" | ".join(prompts))})
+        logger.finish()
     print(f"wrote {out_path} ({len(batch)} images x {len(guiders)} guider(s), {seconds:.1f}s sampling)")
     return out_path
 
 
 @hydra.main(config_path="../configs", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
-    from hydra.errors import InstantiationException
-
-    user_errors = (ValueError, FileNotFoundError, FileExistsError)
-    try:
+    with cli.user_errors():  # the user's input (also what Hydra wraps), not a bug: one line, exit code 2
         run(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except (*user_errors, InstantiationException) as e:
-        # Hydra wraps what a loader or guider raises; show the loader's own message
-        cause = e.__cause__ if isinstance(e, InstantiationException) else e
-        if not isinstance(cause, user_errors):
-            raise
-        # one clear line and a non-zero exit, no traceback: these are the user's input, not bugs
-        print(f"error: {cause}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ weights (safetensors; a sweep shares them in <sweep dir>/models), samples, metri
 """
 from __future__ import annotations
 
-import json
+from s2g import cli  # first: sets the thread defaults before torch is imported (s2g/cli.py)
+
+import json  # noqa: E402
 import subprocess
 import sys
 import time
@@ -24,10 +26,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a fresh clone without installing
 
-from toy import experiment, figures  # noqa: E402
-from toy.metrics import METRICS  # noqa: E402
+from s2g_toy import experiment, figures  # noqa: E402 - the toy/ folder, installed as s2g_toy (toy/README.md)
+from s2g_toy.metrics import METRICS  # noqa: E402
 
 METRIC_COLUMNS = list(METRICS)
 
@@ -103,7 +104,7 @@ def gather(cfg: DictConfig, run_dir: Path) -> None:
     if not sweep_dir.is_absolute():
         sweep_dir = Path(hydra.utils.get_original_cwd()) / sweep_dir
     if (sweep_dir / "protocol.jsonl").is_file():
-        from toy import report
+        from s2g_toy import report
 
         guard_fresh(run_dir, ["heldout.md"])
         rows = [json.loads(line) for line in open(sweep_dir / "protocol.jsonl")]
@@ -135,7 +136,7 @@ def gather(cfg: DictConfig, run_dir: Path) -> None:
 
 def heldout(cfg: DictConfig, run_dir: Path, cache_dir: Path) -> None:
     """The protocol of configs/toy/heldout.yaml: rows as they come, then the tables and the Pareto figure."""
-    from toy import report
+    from s2g_toy import report
 
     guard_fresh(run_dir, ["protocol.csv"])
     t0 = time.perf_counter()
@@ -153,12 +154,8 @@ def heldout(cfg: DictConfig, run_dir: Path, cache_dir: Path) -> None:
 
 @hydra.main(config_path="../configs", config_name="toy", version_base=None)
 def main(cfg: DictConfig) -> None:
-    try:
+    with cli.user_errors():  # the user's input, not a bug: one line, exit code 2
         run(cfg)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        # the user's input, not a bug: one clear line and a non-zero exit, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 def run(cfg: DictConfig) -> None:

@@ -9,25 +9,24 @@ objects, both from seeds never used in training). Refuses to overwrite an existi
 """
 from __future__ import annotations
 
-import os
+from s2g import cli  # first: sets the thread defaults before torch is imported (s2g/cli.py)
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads must not spin on a shared CPU
-import argparse
-import json
-import math
-import platform
-import sys
-import time
-from pathlib import Path
+import argparse  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from safetensors.torch import save_file
-from tqdm.auto import tqdm
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from s2g.eval.evaluator import SceneEvaluator, SceneNet, render_batch  # noqa: E402
 from s2g.eval.heldout import heldout_accuracy  # noqa: E402
@@ -49,8 +48,7 @@ def main(argv=None) -> int:
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
     out = Path(args.out) if args.out else ROOT / "outputs" / "evaluator" / stamp / "evaluator.safetensors"
     if out.exists():
-        print(f"error: {out} exists; outputs are never overwritten", file=sys.stderr)
-        return 2
+        cli.fail(f"{out} exists; outputs are never overwritten")
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

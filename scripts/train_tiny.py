@@ -15,7 +15,7 @@ single-file layout (`model.diffusion_model.*` + `text_encoders.tiny.*`, EMA weig
 """
 from __future__ import annotations
 
-from s2g import cli  # noqa: F401 - first: the thread defaults, before torch is imported (s2g/cli.py)
+from s2g import cli  # first: sets the thread defaults before torch is imported (s2g/cli.py)
 
 import copy  # noqa: E402
 import json  # noqa: E402
@@ -216,7 +216,8 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
 @hydra.main(config_path="../configs", config_name="train_tiny", version_base=None)
 def main(cfg: DictConfig) -> None:
     out_dir = Path(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
-    result = train(cfg, out_dir)
+    with cli.user_errors():  # e.g. stage=weak without weak.text_from: one line, exit code 2
+        result = train(cfg, out_dir)
     print(f"done: {result['steps']} steps, weights in {out_dir}")
 
 

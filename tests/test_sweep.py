@@ -9,7 +9,7 @@ from s2g.models.mmdit import MMDiT, MMDiTConfig
 from s2g.models.sweep import block_rows
 from s2g.pipeline import XPrediction
 from s2g.sampling import GuidedDenoiser, sample, uniform_sigmas
-from toy.model import ToyMLP
+from s2g_toy.model import ToyMLP
 
 DEPTH = 8
 

@@ -14,11 +14,11 @@ from scipy.special import erfinv
 from scipy.stats import wasserstein_distance
 
 from s2g.guidance import CFG, Conditional, S2Guidance, SkipLayerGuidance
-from toy import experiment as E
+from s2g_toy import experiment as E
 from s2g.guidance.controls import IntervalCFG, KappaProbe, PlaceboS2
-from toy.metrics import sample_metrics, sliced_w1, w1_to_normal_mixture
-from toy.mixture import ExactDenoiser, GaussianMixture, mixture
-from toy.model import ToyMLP, load, save, train
+from s2g_toy.metrics import sample_metrics, sliced_w1, w1_to_normal_mixture
+from s2g_toy.mixture import ExactDenoiser, GaussianMixture, mixture
+from s2g_toy.model import ToyMLP, load, save, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -319,7 +319,7 @@ def test_script_errors_are_one_line(tmp_path):
 
 
 def test_results_are_never_overwritten(tmp_path):
-    from toy.figures import write_csv
+    from s2g_toy.figures import write_csv
 
     write_csv([{"a": 1}], tmp_path / "t.csv")
     with pytest.raises(FileExistsError):

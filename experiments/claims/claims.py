@@ -32,7 +32,7 @@ item keeps its measurements in cost.json, reused likewise.
 """
 from __future__ import annotations
 
-from s2g import cli  # first: the thread defaults, before torch is imported (s2g/cli.py)
+from s2g import cli  # first: sets the thread defaults before torch is imported (s2g/cli.py)
 
 cli.one_blas_thread()
 import argparse  # noqa: E402

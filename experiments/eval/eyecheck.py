@@ -14,20 +14,19 @@ CFG 4 and CFG 7.5 (28 Euler steps, the harness's per-(prompt, seed) noise), then
 """
 from __future__ import annotations
 
-import csv
-import json
-import os
-import sys
-from pathlib import Path
+from s2g import cli  # noqa: F401 - first: sets the thread defaults before torch is imported (s2g/cli.py)
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-import numpy as np
+import csv  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
 
 from s2g.eval import SceneEvaluator, frechet_distance, prompt_set, score, work_items  # noqa: E402
 from s2g.eval.harness import Item, generate, reference_renders  # noqa: E402

@@ -10,12 +10,12 @@ so the picture shows what a user gets by default. 28 Euler steps, SD3's shift 3.
 """
 from __future__ import annotations
 
-import argparse
-import importlib
-import os
-from pathlib import Path
+from s2g import cli  # noqa: F401 - first: sets the thread defaults before torch is imported (s2g/cli.py)
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads slow a shared CPU down many times
+import argparse  # noqa: E402
+import importlib  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import torch  # noqa: E402
 import yaml  # noqa: E402
 

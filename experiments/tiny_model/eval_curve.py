@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
 from s2g.tiny import describe_checkpoint  # noqa: E402
 
 KEYS = ("all", "count", "color", "shape", "relation", "relation_given_found", "flipped_given_found", "found")

@@ -4,13 +4,13 @@
 
 Times 9 optimiser steps after 3 warm-up steps; on a shared CPU the numbers move with the other jobs' load.
 """
-import importlib.util
-import os
-import sys
-import time
-from pathlib import Path
+from s2g import cli  # noqa: F401 - first: sets the thread defaults before torch is imported (s2g/cli.py)
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import importlib.util  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 

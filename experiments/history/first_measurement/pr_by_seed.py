@@ -11,9 +11,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-
 from s2g.eval import SceneEvaluator  # noqa: E402
 from s2g.eval.harness import Item, reference_renders  # noqa: E402
 from s2g.eval.report import load_run  # noqa: E402
