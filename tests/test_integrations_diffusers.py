@@ -1,9 +1,9 @@
 """s2g on diffusers (s2g/integrations/diffusers.py), on tiny random models of each family:
-- DiffusersDenoiser: its skip equals SD3's native `skip_layers=` bit for bit, Wan's and Flux's manual identity
-  replacement of the blocks bit for bit; PAG / SEG equal s2g's own MMDiT and Wan; hooks leave the model exactly as
+- DiffusersDenoiser: its skip equals SD3's native `skip_layers=` bit for bit, a manual identity replacement of the
+  blocks in Wan, Flux and Qwen-Image bit for bit; PAG / SEG equal s2g's own MMDiT and Wan; hooks leave the model exactly as
   it was; every s2g guider runs on it and matches the same guider on the converted s2g model;
 - StochasticSelfGuidance (S² as a diffusers guider): in the SD3 and Wan modular pipelines it equals s2g's native
-  S² on the converted weights with the same masks; config round trip; both prepare_inputs forms;
+  S² on the converted weights with the same masks (Wan also with its own UniPC); it runs in Qwen-Image's; config round trip; both prepare_inputs forms;
 - one-line errors; the diffusers layer-skip bug the README documents; a CFG / S² grid written through diffusers.
 """
 import json
@@ -660,6 +660,14 @@ def test_a_diffusers_without_the_guider_api_gets_one_line():
         integ.require_guider_api(old)
     assert "\n" not in str(e.value)
     assert integ.require_guider_api() is diffusers.guiders.BaseGuidance
+    # The module itself on such a diffusers: it imports, the denoiser works, the guider is one line away.
+    code = ("import sys; sys.modules['diffusers.guiders'] = None\n"
+            "import s2g.integrations.diffusers as m\n"
+            "assert m.DiffusersDenoiser and m.SUPPORTED\n"
+            "try:\n    from s2g.integrations.diffusers import StochasticSelfGuidance\n"
+            "except ImportError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert out.startswith("StochasticSelfGuidance needs diffusers' guider API") and out.count("\n") == 1
 
 
 @pytest.mark.skipif(diffusers.__version__ != "0.42.1", reason="documents the behaviour of diffusers 0.42.1")
