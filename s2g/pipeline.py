@@ -20,8 +20,9 @@ from typing import Callable
 
 import torch
 
-from . import ASSETS  # noqa: F401 - s2g/tiny_video.py imports it from here
 from .guidance.base import row_seed
+# the grids live in s2g/images.py; re-exported for tests/test_integrations_diffusers.py, which imports them from here
+from .images import image_grid, save_png  # noqa: F401
 from .models.sweep import check_variants
 from .sampling import sample, sd3_sigmas
 
@@ -125,16 +126,3 @@ class XPrediction(torch.nn.Module):
         xs, sigs = x.split(B), sig.split(B)  # variant j reads stacked input k = inputs[j]
         return [self._velocity(xs[k], sigs[k], o) for k, o in zip(inputs, outs)]
 
-
-_MOVED = {"load_tiny", "load_tiny_text", "describe_checkpoint", "TINY_CHECKPOINT", "TINY_WEAK_CHECKPOINT", "TEXT_PREFIX",
-          "image_grid", "save_png"}
-
-
-def __getattr__(name: str):
-    """The embedded model's loader moved to s2g/tiny.py and the grids to s2g/images.py; callers that still import
-    them from here (s2g/tiny_video.py, scripts/train_tiny_video.py, tests/test_integrations_diffusers.py) get them
-    from there."""
-    if name in _MOVED:
-        from . import images, tiny
-        return getattr(tiny if hasattr(tiny, name) else images, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
