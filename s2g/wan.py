@@ -127,6 +127,33 @@ def _clip_shape(num_frames, height, width) -> tuple[int, int, int]:
     return 1 + (f - 1) // TEMPORAL, h // SPATIAL, w // SPATIAL
 
 
+def _repo_parts(checkpoint, vae, text_encoder, tokenizer):
+    """A folder as `checkpoint`: a diffusers Wan repo (model_index.json; Wan-AI/Wan2.1-T2V-*-Diffusers) gives its
+    transformer/, and vae/, text_encoder/ and tokenizer/ for the keys left unset; the official repo folder
+    (Wan-AI/Wan2.1-T2V-*) gives its DiT shards and the tokenizer in google/umt5-xxl/ (its VAE and umT5 are .pth
+    pickles: convert them once and set the keys). Another diffusers pipeline's folder is refused."""
+    if _unset(checkpoint):
+        return checkpoint, vae, text_encoder, tokenizer
+    root = Path(str(checkpoint)).expanduser()
+    index = root / "model_index.json"
+    if index.is_file():
+        import json
+
+        try:
+            name = json.loads(index.read_text()).get("_class_name", "?")
+        except ValueError:
+            name = "?"
+        if not str(name).startswith("Wan"):
+            hint = f": sample it with {SD3_CONFIGS}" if "StableDiffusion3" in str(name) else ""
+            raise ValueError(f"model.checkpoint: {root} is a diffusers {name} folder, not a Wan 2.1 one{hint}")
+        pick = lambda value, sub: root / sub if _unset(value) else value  # noqa: E731
+        return root / "transformer", pick(vae, "vae"), pick(text_encoder, "text_encoder"), pick(tokenizer,
+                                                                                               "tokenizer")
+    if root.is_dir() and _unset(tokenizer) and (root / "google" / "umt5-xxl").is_dir():
+        tokenizer = root / "google" / "umt5-xxl"
+    return checkpoint, vae, text_encoder, tokenizer
+
+
 def _dit(key: str, path: Path, dtype, device):
     """load_wan with the key in every error, and a pointer to the SD3 configs when the file is an MMDiT."""
     with _named(key):
@@ -147,7 +174,8 @@ def load_wan21(checkpoint, *, vae=None, text_encoder=None, tokenizer=None, weak_
     """Wan 2.1 text-to-video pipeline from the user's files (no network; safetensors only).
 
     checkpoint: the DiT: the official `diffusion_pytorch_model.safetensors` (or its shards + index, or the folder
-        holding them), a diffusers `transformer/` folder, or a repackaged single file (`model.diffusion_model.`).
+        holding them), a diffusers `transformer/` folder, or a repackaged single file (`model.diffusion_model.`);
+        or a whole diffusers Wan repo folder, whose vae/, text_encoder/ and tokenizer/ fill the keys left unset.
     vae: the Wan 2.1 VAE (`wan_2.1_vae.safetensors`, a diffusers `vae/` folder). text_encoder: umT5-XXL (a
         diffusers `text_encoder/` folder, `umt5_xxl_fp16.safetensors`). tokenizer: umT5's `spiece.model`
         (google/umt5-xxl). The official `.pth` files are pickles and are refused, with the one-line conversion.
@@ -159,6 +187,7 @@ def load_wan21(checkpoint, *, vae=None, text_encoder=None, tokenizer=None, weak_
     fps: the frame rate of the written MP4 (Wan: 16). device: "auto" = cuda if available.
     """
     # every check that needs no weights first: a typo fails in a second, with the key to fix
+    checkpoint, vae, text_encoder, tokenizer = _repo_parts(checkpoint, vae, text_encoder, tokenizer)
     ckpt_path = _file("checkpoint", checkpoint, "Wan 2.1 DiT weights (.safetensors, or a folder of shards)",
                       folder_ok=True)
     vae_path = _file("vae", vae, "Wan 2.1 VAE weights (e.g. wan_2.1_vae.safetensors)", folder_ok=True)

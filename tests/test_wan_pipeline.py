@@ -356,3 +356,24 @@ def test_sample_script_exits_2_with_one_line(parts, tmp_path):
     assert r.returncode == 2, r.stderr[-2000:]
     assert r.stderr.strip().splitlines()[-1].startswith("error: model.tokenizer: not set; give the umT5 tokenizer")
     assert "Traceback" not in r.stderr
+
+
+def test_a_diffusers_repo_folder_fills_the_parts(parts, oracle, tmp_path):
+    """model.checkpoint=<a Wan-AI/Wan2.1-T2V-*-Diffusers folder>: transformer/, vae/, text_encoder/ and the
+    tokenizer come from it (as diffusers' save_pretrained writes them); another pipeline's folder is refused."""
+    import json
+
+    oracle.save_pretrained(tmp_path / "repo")
+    if not (tmp_path / "repo" / "tokenizer" / "spiece.model").is_file():  # a fast tokenizer saves no spiece.model
+        import shutil
+        shutil.copy(parts.spiece, tmp_path / "repo" / "tokenizer" / "spiece.model")
+    repo = load_wan21(tmp_path / "repo", num_frames=FRAMES, height=H, width=W, dtype="float32", device="cpu")
+    noise = initial_latents()
+    a, b = final_latents(repo, CFG(scale=SCALE), noise), final_latents(load(parts), CFG(scale=SCALE), noise)
+    assert torch.equal(a, b)
+    index = json.loads((tmp_path / "repo" / "model_index.json").read_text())
+    (tmp_path / "sd3").mkdir()
+    (tmp_path / "sd3" / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusion3Pipeline"}))
+    with pytest.raises(ValueError, match=r"^model\.checkpoint: .* is a diffusers StableDiffusion3Pipeline folder, "
+                                         r"not a Wan 2\.1 one: sample it with model=sd3_medium"):
+        load_wan21(tmp_path / "sd3", num_frames=FRAMES, height=H, width=W)
