@@ -279,6 +279,13 @@ def one_line(excinfo) -> str:
     return msg
 
 
+def test_released_clip_shapes():
+    from s2g.wan import _clip_shape
+
+    assert _clip_shape(81, 480, 832) == (21, 60, 104)  # 21 x 30 x 52 = 32,760 tokens after the 2x2 patches
+    assert _clip_shape(81, 720, 1280) == (21, 90, 160) and _clip_shape(1, 16, 16) == (1, 2, 2)
+
+
 def test_bad_clip_shape_fails_before_reading_weights(parts, tmp_path):
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"not a safetensors file")  # never read: the shape checks come first
