@@ -13,7 +13,6 @@ and umT5 in the diffusers / transformers layouts; test_wan.py, test_wan_vae.py a
 of each part on its own.
 """
 import dataclasses
-import math
 import subprocess
 import sys
 import types
