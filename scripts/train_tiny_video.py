@@ -17,9 +17,7 @@ objects early). Exports use the single-file layout `model.diffusion_model.*` (Wa
 """
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP waits are many times slower on a busy CPU
+from s2g import cli  # first: sets the thread defaults before torch is imported (s2g/cli.py)
 
 import copy
 import json
@@ -61,11 +59,11 @@ def build(cfg: DictConfig) -> tuple[WanDiT, TinyTextEncoder, bool]:
         return build_dit(cfg.model, text), text, True
     if cfg.stage == "weak":
         if not cfg.weak.text_from:
-            raise SystemExit("error: stage=weak needs weak.text_from=<main run>/tiny_video.safetensors")
+            raise ValueError("stage=weak needs weak.text_from=<main run>/tiny_video.safetensors")
         text = load_tiny_text(cfg.weak.text_from).requires_grad_(False)
         m = OmegaConf.merge(cfg.model, {k: cfg.weak[k] for k in ("dim", "num_heads", "ffn_dim")})
         return build_dit(m, text), text, False
-    raise SystemExit(f"error: stage must be main or weak, got {cfg.stage!r}")
+    raise ValueError(f"stage must be main or weak, got {cfg.stage!r}")
 
 
 def batch(cfg: DictConfig, step: int) -> tuple[torch.Tensor, list[str], torch.Generator]:
@@ -179,7 +177,8 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
 @hydra.main(config_path="../configs", config_name="train_tiny_video", version_base=None)
 def main(cfg: DictConfig) -> None:
     out_dir = Path(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
-    result = train(cfg, out_dir)
+    with cli.user_errors():
+        result = train(cfg, out_dir)
     print(f"done: {result['steps']} steps, weights in {out_dir}")
 
 

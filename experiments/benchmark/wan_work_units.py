@@ -26,11 +26,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
 
-from s2g.guidance import CFG, S2Guidance  # noqa: E402
-from s2g.models.wan import CONFIGS  # noqa: E402
-from s2g.sampling import SAMPLERS, GuidedDenoiser, wan_sigmas  # noqa: E402
+from s2g.guidance import CFG, S2Guidance
+from s2g.models.wan import CONFIGS
+from s2g.sampling import SAMPLERS, GuidedDenoiser, wan_sigmas
 
 OUT = Path(__file__).with_suffix(".json")
 PRESET, STEPS, SHIFT, SCALE, OMEGA = "t2v_1.3b", 50, 5.0, 5.0, 0.25

@@ -7,9 +7,7 @@ Each spec builds the model and text encoder of scripts/train_tiny_video.py with 
 """
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from s2g import cli  # noqa: F401  first: sets the thread defaults before torch is imported
 import importlib.util
 import sys
 import time
