@@ -2,7 +2,8 @@
 
 `build_model(cfg.model)` calls the model config's loader (`_target_`); `guider_factory(cfg.guidance)` gives the
 `make_guider(seed)` that s2g.eval.evaluate takes (through s2g.guidance.from_spec); `apply_guidance_defaults`
-applies a model config's own guider settings; `instantiate` builds any other `_target_` node (user metrics).
+applies a model config's own guider settings; `model_kind` says whether a model config makes images or videos
+(before anything loads); `instantiate` builds any other `_target_` node (user metrics).
 """
 from __future__ import annotations
 
@@ -65,3 +66,22 @@ def apply_guidance_defaults(model_cfg: DictConfig, name: str, guidance_cfg: Dict
     for k, v in applied.items():
         OmegaConf.update(guidance_cfg, k, v, force_add=True)
     return OmegaConf.to_container(OmegaConf.create(applied)) if applied else {}
+
+
+def model_kind(model_cfg: DictConfig) -> str:
+    """"video" when the model config's loader (`_target_`) returns a TextToVideo (the tiny video model, Wan), else
+    "scene": read off the loader's return annotation, so that nothing loads and no name list is kept."""
+    import typing
+
+    from hydra.utils import get_method
+
+    from .video import TextToVideo
+
+    target = model_cfg.get("_target_") if model_cfg is not None else None
+    if not target:
+        return "scene"
+    try:
+        returns = typing.get_type_hints(get_method(str(target))).get("return")
+    except Exception:  # noqa: BLE001 - an unresolvable annotation says nothing; the loader's own errors come later
+        return "scene"
+    return "video" if isinstance(returns, type) and issubclass(returns, TextToVideo) else "scene"

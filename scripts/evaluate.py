@@ -5,12 +5,16 @@
     torchrun --nproc_per_node=2 scripts/evaluate.py guidance=s2 seeds=[0,1,2]
     python scripts/evaluate.py gather=multirun/evaluate/<stamp> [baseline=<subdir>]
     python scripts/evaluate.py pair=[<run A>,<run B>]
+    python scripts/evaluate.py model=tiny_video guidance=s2 prompts=video_test      # clips: the video evaluator
 
 A run writes into its run dir: metrics.json (adherence per family and overall with bootstrap intervals over
 prompts, Fréchet distance / precision / recall against real renders of the same prompts, NFE and seconds per
 image), per_image.csv (one row per (prompt, seed)), features.safetensors (evaluator features, for paired
-Fréchet comparisons), samples.png, config.yaml and run.json. Under torchrun every rank generates its share of
-the (prompt, seed) pairs, rank 0 gathers them and computes the metrics once: the same numbers as one process.
+Fréchet comparisons), samples.png, config.yaml and run.json. A video model (model=tiny_video, Wan) runs the video
+prompt sets (video_test | video_val) with the video evaluator's dimensions and the Fréchet video distance analog:
+per_clip.csv instead of per_image.csv, samples.gif beside samples.png (s2g/eval/README_video.md). Under torchrun
+every rank generates its share of the (prompt, seed) pairs, rank 0 gathers them and computes the metrics once: the
+same numbers as one process.
 """
 from __future__ import annotations
 
@@ -41,7 +45,16 @@ def _launch_stamp() -> str:
     return time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(t))
 
 
+def _test_set(target: str) -> str:
+    """The default of `prompts`: the test set of the model's kind (s2g.config.model_kind): `test` for an image
+    model, `video_test` for a video model."""
+    from s2g.config import model_kind
+
+    return "video_test" if model_kind({"_target_": target}) == "video" else "test"
+
+
 OmegaConf.register_new_resolver("s2g_stamp", _launch_stamp, use_cache=True, replace=True)
+OmegaConf.register_new_resolver("s2g_test_set", _test_set, use_cache=True, replace=True)
 
 
 @hydra.main(config_path="../configs", config_name="evaluate", version_base=None)
@@ -63,8 +76,9 @@ def main(cfg: DictConfig) -> None:
 
 def run(cfg: DictConfig, run_dir: Path) -> None:
     """The config as library arguments: a pipeline, a guider factory, (prompt, seed) items; then the run dir."""
-    from s2g.config import apply_guidance_defaults, build_model, guider_factory, instantiate
-    from s2g.eval import prompt_set, work_items
+    from s2g.config import apply_guidance_defaults, build_model, guider_factory, instantiate, model_kind
+    from s2g.eval import work_items
+    from s2g.eval.kinds import kind_named
     from s2g.eval.run import check_new_run_dir, evaluate, write_run
 
     overrides = list(HydraConfig.get().overrides.task)
@@ -75,7 +89,8 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
         overrides += [f"guidance.{k}={v}" for k, v in applied.items()]
     check_new_run_dir(run_dir)
     seeds = list(cfg.seeds) if OmegaConf.is_list(cfg.seeds) else [cfg.seeds]
-    items = work_items(prompt_set(str(cfg.prompts), cfg.num_prompts), seeds)
+    kind = kind_named(model_kind(cfg.model))  # images or clips: which prompt sets, evaluator and summary
+    items = work_items(kind.prompt_set(str(cfg.prompts), cfg.num_prompts), seeds)
     make_guider = guider_factory(cfg.guidance)
     make_guider(items[0].seed)  # bad guider parameters fail before the model loads
     extra = {k: instantiate(c) for k, c in (cfg.extra_metrics or {}).items()}

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from . import stats
-from .harness import Item, fidelity_summary, reference_renders
+from .harness import Item, reference_renders
+from .kinds import kind_of
 
 TABLE_METRICS = ("all", "count", "color", "shape", "relation", "relation_given_found", "flipped_given_found")
 
@@ -87,20 +88,26 @@ def load_run(path: Path) -> dict:
     path = Path(path)
     if not (path / "metrics.json").is_file():
         raise FileNotFoundError(f"{path}: no metrics.json (not a finished evaluate.py run)")
-    with open(path / "per_image.csv", newline="") as f:
+    metrics = json.loads((path / "metrics.json").read_text())
+    with open(path / kind_of(metrics).rows_file, newline="") as f:
         rows = list(csv.DictReader(f))
     config = (yaml.safe_load((path / "config.yaml").read_text()) or {}) if (path / "config.yaml").is_file() else {}
-    return {"dir": path, "metrics": json.loads((path / "metrics.json").read_text()), "rows": rows, "config": config,
+    return {"dir": path, "metrics": metrics, "rows": rows, "config": config,
             "features": load_file(str(path / "features.safetensors"))["features"].double().numpy(),
             "run": json.loads((path / "run.json").read_text()) if (path / "run.json").is_file() else {}}
 
 
 def paired(a: dict, b: dict, n_boot: int = 2000, level: float = 0.95, seed: int = 0, fd_boot: int = 200,
            pr_halves: int = 100) -> dict:
-    """A - B on the (prompt, seed) items both runs share: every adherence metric (mean difference, cluster
-    bootstrap interval over prompts, sign-flip p-value), and, when both runs have scene features, the Fréchet
-    distance difference FD(A, ref) - FD(B, ref) against the same real renders of those items, on a shared
-    bootstrap of prompts, and the precision and recall differences on a shared delete-half jackknife."""
+    """A - B on the (prompt, seed) items both runs share: every adherence metric of the runs' kind (mean
+    difference, cluster bootstrap interval over prompts, sign-flip p-value), and, when both runs have evaluator
+    features, the Fréchet distance difference FD(A, ref) - FD(B, ref) against the same real renders of those
+    items, on a shared bootstrap of prompts, and the precision and recall differences on a shared delete-half
+    jackknife. Runs of different kinds (images, clips) are refused."""
+    kind = kind_of(a["metrics"])
+    if kind is not kind_of(b["metrics"]):
+        raise ValueError(f"{a['dir']} is a {kind.name} run and {b['dir']} a {kind_of(b['metrics']).name} run; "
+                         f"pair compares runs of one kind")
     key = lambda r: (r["seed"], r["prompt"])  # noqa: E731
     ib = {key(r): i for i, r in enumerate(b["rows"])}
     pairs = [(i, ib[key(r)]) for i, r in enumerate(a["rows"]) if key(r) in ib]
@@ -109,7 +116,7 @@ def paired(a: dict, b: dict, n_boot: int = 2000, level: float = 0.95, seed: int 
     ia, jb = (np.array(x) for x in zip(*pairs))
     clusters = np.array([a["rows"][i]["prompt"] for i in ia])
     out = {"a": str(a["dir"]), "b": str(b["dir"]), "n_pairs": len(pairs)}
-    for m in ("all", "count", "color", "shape", "relation"):
+    for m in kind.paired_metrics:
         va = [a["rows"][i].get(m, "") for i in ia]
         vb = [b["rows"][j].get(m, "") for j in jb]
         keep = [k for k in range(len(va)) if va[k] != "" and vb[k] != ""]
@@ -119,11 +126,10 @@ def paired(a: dict, b: dict, n_boot: int = 2000, level: float = 0.95, seed: int 
             out[m] = d.as_dict()
     fa, fb = a["features"][ia], b["features"][jb]
     if fa.shape[1] and fb.shape[1] and a["metrics"].get("fidelity") and len(set(clusters.tolist())) > 1:
-        from .evaluator import SceneEvaluator
         items = [Item(k, int(a["rows"][i]["seed"]), int(a["rows"][i]["prompt_index"]), a["rows"][i]["prompt"])
                  for k, i in enumerate(ia)]
         ref_seed = int(a["config"].get("reference_seed", 0))
-        ref = SceneEvaluator.load().features(reference_renders(items, ref_seed)).double().numpy()
+        ref = np.asarray(_reference(kind, a, items, ref_seed), dtype=np.float64)
         diff = lambda x, y, r: stats.frechet_distance(x, r) - stats.frechet_distance(y, r)  # noqa: E731
         d = stats.bootstrap_statistic(diff, fa, fb, ref, clusters=clusters, n_boot=fd_boot, level=level,
                                       seed=seed).as_dict()
@@ -139,22 +145,34 @@ def paired(a: dict, b: dict, n_boot: int = 2000, level: float = 0.95, seed: int 
     return out
 
 
-def rescore_fidelity(run: dict) -> dict:
-    """A finished run's fidelity block recomputed from its saved features by today's `fidelity_summary` (with the
-    run's own reference seed and bootstrap settings): for runs written before a statistic was added."""
+def _sample_shape(run: dict):
+    """[F, 3, H, W] of a clip run's samples (from its metrics.json), None for images."""
+    m = run["metrics"]
+    return (m["num_frames"], 3, *m["frame_size"]) if "num_frames" in m else None
+
+
+def _reference(kind, run: dict, items: list[Item], reference_seed: int):
+    """The real-render features of `items` for a finished run of `kind` (the shipped evaluator)."""
     from .evaluator import SceneEvaluator
 
+    if kind.name == "scene":  # as ever: features of the renders, in float64
+        return SceneEvaluator.load().features(reference_renders(items, reference_seed)).double().numpy()
+    return kind.reference(kind.load_evaluator(SceneEvaluator.load(), 10), items, reference_seed, _sample_shape(run))
+
+
+def rescore_fidelity(run: dict) -> dict:
+    """A finished run's fidelity block recomputed from its saved features by today's fidelity summary (with the
+    run's own reference seed and bootstrap settings): for runs written before a statistic was added."""
     if not run["features"].shape[1]:
-        raise ValueError(f"{run['dir']}: no scene features (scene_metrics was off); nothing to rescore")
+        raise ValueError(f"{run['dir']}: no evaluator features (scene_metrics was off); nothing to rescore")
+    kind = kind_of(run["metrics"])
     rows, cfg = run["rows"], run["config"]
     items = [Item(int(r["index"]), int(r["seed"]), int(r["prompt_index"]), r["prompt"]) for r in rows]
     ref_seed, boot = int(cfg.get("reference_seed", 0)), cfg.get("bootstrap", {})
-    evaluator = SceneEvaluator.load()
-    ref, ref2 = (evaluator.features(reference_renders(items, s)).double().numpy() for s in (ref_seed, ref_seed + 1))
-    return fidelity_summary(run["features"], ref, ref2, np.array([int(r["prompt_index"]) for r in rows]),
-                            n_boot=int(boot.get("fd_n", 200)), level=float(boot.get("level", 0.95)),
-                            seed=int(boot.get("seed", 0)), seeds=np.array([int(r["seed"]) for r in rows]),
-                            n_halves=int(boot.get("pr_halves", 100)))
+    boot = {"fd_n": int(boot.get("fd_n", 200)), "level": float(boot.get("level", 0.95)),
+            "seed": int(boot.get("seed", 0)), "pr_halves": int(boot.get("pr_halves", 100))}
+    ref, ref2 = (_reference(kind, run, items, s) for s in (ref_seed, ref_seed + 1))
+    return kind.fidelity(run["features"], ref, ref2, rows, boot)
 
 
 def pair(dirs, n_boot: int = 2000, level: float = 0.95, seed: int = 0, fd_boot: int = 200,
@@ -168,12 +186,12 @@ def pair(dirs, n_boot: int = 2000, level: float = 0.95, seed: int = 0, fd_boot: 
         raise FileExistsError(f"{out_path} exists; outputs are never overwritten")
     res = paired(a, b, n_boot, level, seed, fd_boot, pr_halves)
     out_path.write_text(json.dumps(res, indent=1))
-    for m in ("all", "count", "color", "shape", "relation", "frechet", "precision", "recall"):
+    for m in (*kind_of(a["metrics"]).paired_metrics, "frechet", "precision", "recall"):
         if m in res:
             r = res[m]
             p = f"  p = {r['p_value']:.3g}" if r.get("p_value") is not None else ""
             print(f"{m:9s} A-B {r['mean']:+.4f} [{r['lo']:+.4f}, {r['hi']:+.4f}]{p}")
-    print(f"wrote {out_path} ({res['n_pairs']} paired images)")
+    print(f"wrote {out_path} ({res['n_pairs']} paired {kind_of(a['metrics']).unit}s)")
     return res
 
 
@@ -195,6 +213,12 @@ def gather(sweep: Path, baseline: str | None = None) -> list[dict]:
             raise ValueError(f"baseline {baseline!r} is not a finished run under {sweep}")
         base = load_run(sweep / str(baseline))
     records = {d: json.loads((d / "run.json").read_text()) if (d / "run.json").is_file() else {} for d in runs}
+    kinds = {d: kind_of(json.loads((d / "metrics.json").read_text())) for d in runs}
+    if len({k.name for k in kinds.values()}) > 1:
+        names = ", ".join(f"{k}: {d}" for k, d in {k.name: d.name for d, k in kinds.items()}.items())
+        raise ValueError(f"gather: {sweep} holds runs of more than one kind ({names}); gather a sweep of one kind")
+    kind = next(iter(kinds.values()))
+    unit = kind.unit
     runs.sort(key=lambda d: (records[d].get("guidance", ""), d.name))  # one guider's runs together
     # Hydra writes a multirun's bools as True, a single run's as typed: compare case-blind
     common = set.intersection(*({o.lower() for o in r.get("overrides", [])} for r in records.values()))
@@ -204,7 +228,7 @@ def gather(sweep: Path, baseline: str | None = None) -> list[dict]:
         swept = [o for o in records[d].get("overrides", []) if o.lower() not in common]  # what differs
         row = {"run": d.name, "guidance": m.get("guidance"), "overrides": " ".join(swept)}
         o = (m.get("adherence") or {}).get("overall", {})
-        for k in TABLE_METRICS:
+        for k in kind.table_metrics:
             if k in o:
                 row[k], row[f"{k}_lo"], row[f"{k}_hi"] = o[k]["mean"], o[k]["lo"], o[k]["hi"]
         f = m.get("fidelity")
@@ -213,11 +237,11 @@ def gather(sweep: Path, baseline: str | None = None) -> list[dict]:
                        frechet_floor=f["frechet_floor"], precision=f["precision"], recall=f["recall"])
             for k in ("precision", "recall"):  # runs written before these intervals show the value alone
                 row[f"{k}_lo"], row[f"{k}_hi"] = (f.get(f"{k}_interval", {}).get(b) for b in ("lo", "hi"))
-        row.update(nfe=m["cost"]["nfe_per_image"], seconds_per_image=m["cost"]["seconds_per_image"],
-                   n_images=m["n_images"])
+        row.update({"nfe": m["cost"][f"nfe_per_{unit}"], f"seconds_per_{unit}": m["cost"][f"seconds_per_{unit}"],
+                    f"n_{unit}s": m[f"n_{unit}s"]})
         if base is not None and d.name != str(baseline):
             p = paired(load_run(d), base)
-            for k in ("all", "relation", "shape"):
+            for k in kind.deltas:
                 if k in p:
                     row[f"d_{k}"], row[f"d_{k}_lo"], row[f"d_{k}_hi"] = p[k]["mean"], p[k]["lo"], p[k]["hi"]
         table.append(row)
@@ -227,15 +251,17 @@ def gather(sweep: Path, baseline: str | None = None) -> list[dict]:
         w.writeheader()
         w.writerows(table)
     iv = lambda r, k, **kw: interval(_iv(r, k), **kw) if k in r else ""  # noqa: E731
-    head = ["run", "all", "count", "color", "shape", "relation", "rel. given found", "flipped given found",
-            "FD (floor)", "P", "R", "NFE", "s/img"] + (["Δ all", "Δ relation"] if base else [])
+    shown = kind.deltas[:2]
+    head = ["run", *kind.table_head, "FD (floor)", "P", "R", "NFE", f"s/{kind.short}"] + \
+        ([f"Δ {k.replace('_', ' ')}" for k in shown] if base else [])
     body = []
     for r in table:
-        cells = [f"{r['run']} ({r['overrides']})" if r["overrides"] else r["run"], *[iv(r, k) for k in TABLE_METRICS],
+        cells = [f"{r['run']} ({r['overrides']})" if r["overrides"] else r["run"],
+                 *[iv(r, k) for k in kind.table_metrics],
                  f"{r['frechet']:.2f} ({r['frechet_floor']:.2f})" if "frechet" in r else "",
-                 iv(r, "precision"), iv(r, "recall"), f"{r['nfe']:.0f}", f"{r['seconds_per_image']:.3f}"]
+                 iv(r, "precision"), iv(r, "recall"), f"{r['nfe']:.0f}", f"{r[f'seconds_per_{unit}']:.3f}"]
         if base:
-            cells += [iv(r, f"d_{k}", signed=True) or "—" for k in ("all", "relation")]
+            cells += [iv(r, f"d_{k}", signed=True) or "—" for k in shown]
         body.append(cells)
     lines = [f"# {sweep}", "", "95% bootstrap intervals over prompts." +
              (f" Δ = paired difference to `{baseline}` (same prompts, same noise)." if base else ""), "",
