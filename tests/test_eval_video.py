@@ -207,3 +207,32 @@ def test_library_video_kind_on_rendered_clips_scores_one_and_reaches_the_floor(t
     assert record["command"] == "python scripts/evaluate.py prompts=video_test"
     with pytest.raises(FileExistsError, match="never overwritten"):
         write_run(tmp_path / "run", res, config="{}\n", overrides=[])
+
+
+def test_wan_with_free_text_prompts_saves_mp4s_and_no_metrics(tmp_path_factory, tmp_path):
+    """A latent video model (the random-weight tiny Wan of tests/test_wan_pipeline.py) on prompts outside the clip
+    grammar: the metrics are off (the evaluator reads square pixel-space clips), every clip is saved as MP4 under
+    images/, and the rows, the GIF grid and the frame strip are written as for the embedded model."""
+    for name in ("av", "diffusers", "transformers", "sentencepiece"):
+        pytest.importorskip(name)
+    import test_wan_pipeline as twp
+
+    from s2g.video import load_mp4
+
+    parts = twp.parts.__wrapped__(tmp_path_factory)
+    f = tmp_path / "prompts.txt"
+    f.write_text("\n".join(twp.PROMPTS) + "\n")
+    model = ["model=wan21_t2v_1_3b", *[f"model.{k}={v}" for k, v in parts.files.items()],
+             f"model.num_frames={twp.FRAMES}", f"model.height={twp.H}", f"model.width={twp.W}", "model.device=cpu"]
+    p = _evaluate(*model, f"prompts={f}", "seeds=[0]", "steps=2", "batch_size=2", f"hydra.run.dir={tmp_path / 'run'}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    run = tmp_path / "run"
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["kind"] == "video" and m["video_metrics"] is False and "adherence" not in m and m["n_clips"] == 2
+    assert (m["num_frames"], m["frame_size"]) == (twp.FRAMES, [twp.H, twp.W])
+    clips = sorted((run / "images").glob("*.mp4"))
+    assert [c.name for c in clips] == ["seed0_00000.mp4", "seed0_00001.mp4"]
+    assert load_mp4(clips[0]).shape == (twp.FRAMES, 3, twp.H, twp.W)
+    assert [r["prompt"] for r in _rows(run)] == twp.PROMPTS and (run / "samples.gif").is_file()
+    bad = _evaluate(*model, "scene_metrics=true", f"prompts={f}", "seeds=[0]", f"hydra.run.dir={tmp_path / 'bad'}")
+    assert bad.returncode == 2 and "unknown shape 'fox'" in bad.stderr and not (tmp_path / "bad").exists()
