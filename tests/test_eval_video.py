@@ -37,8 +37,8 @@ def _evaluate(*args, torchrun: int = 0, env: dict | None = None, progress: bool 
                "scripts/evaluate.py"]
     flags = [a for a in args if a.startswith("-")]
     args = [a for a in args if not a.startswith("-")]
-    return subprocess.run([*cmd, *flags, f"progress={str(progress).lower()}", *args], cwd=ROOT, capture_output=True, text=True, env=env,
-                          timeout=600)
+    return subprocess.run([*cmd, *flags, f"progress={str(progress).lower()}", *args], cwd=ROOT, capture_output=True,
+                          text=True, env=env, timeout=600)
 
 
 def tiny(checkpoint):

@@ -1,7 +1,8 @@
 """Evaluation on the embedded models' scenes and clips: the scene and video evaluators, GenEval-style adherence, Fréchet distance,
 precision/recall, bootstrap intervals and paired comparisons. Running: `evaluate(pipe, make_guider, items, ...)`
 -> results, `write_run(run_dir, results, ...)` (run.py); comparing finished runs: `load_run`, `paired`, `gather`
-(report.py). `scripts/evaluate.py` turns its config into those arguments."""
+(report.py); what differs between images and clips: one object per kind (kinds.py). `scripts/evaluate.py` turns
+its config into those arguments."""
 from .adherence import ATTRIBUTES, relation_holds, score
 from .evaluator import EVALUATOR_CHECKPOINT, Detection, SceneEvaluator, SceneNet, render_batch
 from .harness import item_noise, item_seed, work_items
