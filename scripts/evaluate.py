@@ -108,8 +108,10 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
     if logger is not None:
         import wandb
 
-        logger.log({"metrics": cli.flat_metrics(results["metrics"]),
-                    "samples": wandb.Image(str(run_dir / "samples.png"))})
+        logged = {"metrics": cli.flat_metrics(results["metrics"]), "samples": wandb.Image(str(run_dir / "samples.png"))}
+        if (run_dir / "samples.gif").is_file():  # a video run's animated grid
+            logged["clips"] = wandb.Video(str(run_dir / "samples.gif"))
+        logger.log(logged)
         logger.finish()
 
 

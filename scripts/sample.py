@@ -132,7 +132,10 @@ def run(cfg: DictConfig, out_dir: Path) -> Path:
     if logger is not None:
         import wandb
 
-        logger.log({"grid": wandb.Image(str(out_path), caption=" | ".join(prompts))})
+        logged = {"grid": wandb.Image(str(out_path), caption=" | ".join(prompts))}
+        if video and mode == "gif":
+            logged["clips"] = wandb.Video(str(files[0]), caption=" | ".join(prompts))
+        logger.log(logged)
         logger.finish()
     what = "videos" if video else "images"
     print(f"wrote {files[0] if video else out_path}{f' (+ {len(files) - 1} more)' if len(files) > 1 else ''} "

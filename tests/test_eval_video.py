@@ -100,9 +100,11 @@ def test_video_run_torchrun_equals_one_process_and_pairs(checkpoint, tmp_path):
     assert (run / "samples.gif").read_bytes() == (tmp_path / "two" / "samples.gif").read_bytes()
 
     # paired: S² at ω = 0 is CFG on the same clips, so every difference is exactly 0
-    cfg = _evaluate(*tiny(checkpoint), "guidance=cfg", f"hydra.run.dir={tmp_path / 'cfg'}")
+    cfg = _evaluate(*tiny(checkpoint), "guidance=cfg", f"hydra.run.dir={tmp_path / 'cfg'}", "logger=wandb",
+                    "logger.mode=offline")
     s2_0 = _evaluate(*tiny(checkpoint), "guidance=s2", "guidance.omega=0", f"hydra.run.dir={tmp_path / 's2_0'}")
     assert cfg.returncode == 0 and s2_0.returncode == 0, cfg.stderr[-2000:] + s2_0.stderr[-2000:]
+    assert list((tmp_path / "cfg" / "wandb").glob("offline-run-*/run-*.wandb"))  # metrics, strip and GIF, offline
     pr = _evaluate(f"pair=[{tmp_path / 's2_0'},{tmp_path / 'cfg'}]")
     assert pr.returncode == 0, pr.stderr[-2000:]
     assert "motion_smoothness" in pr.stdout and "40 paired clips" in pr.stdout

@@ -121,11 +121,12 @@ def test_tiny_video_writes_an_animated_grid_and_a_frame_strip(tmp_path, tiny_vid
     assert {f: (out / f).read_bytes() for f in before} == before
 
     p, out = run(tmp_path, "cmp", *model, "compare=[cfg,s2]", "steps=3", "samples_per_prompt=2",
-                 "prompt=[a red circle moving left,a blue square falling]")
+                 "prompt=[a red circle moving left,a blue square falling]", "logger=wandb", "logger.mode=offline")
     assert p.returncode == 0, p.stderr
     frames = load_gif(out / "samples.gif")
     assert frames.shape == (4, 3, 4 * (48 + 2) + 2, 2 * (48 + 2) + 2)  # (prompt, sample) rows x guiders
     assert list(json.loads((out / "run.json").read_text())["guiders"]) == ["cfg", "s2"]
+    assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))  # strip and GIF, offline
 
 
 @pytest.mark.parametrize("args, message", [
