@@ -5,7 +5,6 @@ left of the rows, wrapped to about one tile's width, and column labels above the
 from __future__ import annotations
 
 import torch
-from torchvision.utils import make_grid
 
 HEADER = 16  # px: the column-label strip above the grid
 LINE = 12  # px: one line of the default font
@@ -21,6 +20,8 @@ def image_grid(images: torch.Tensor, rows: int, cols: int, pad: int = 2, scale: 
         images = images.repeat_interleave(scale, -2).repeat_interleave(scale, -1)
     if images.shape[0] == 1:  # make_grid returns a single image unpadded
         return torch.nn.functional.pad(images[0], (pad,) * 4, value=pad_value)
+    from torchvision.utils import make_grid  # here, not at import: torchvision adds ~2 s to every start
+
     return make_grid(images, nrow=cols, padding=pad, pad_value=pad_value)
 
 
