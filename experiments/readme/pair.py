@@ -70,7 +70,9 @@ def main() -> None:
     grid = image_grid(tiles, len(PROMPTS), len(cols), scale=scale)
     save_png(grid, args.out, row_labels=PROMPTS, col_labels=[f"{label} ({j + 1})" for label, j in cols],
              tile=tiles.shape[-1] * scale)
-    print(f"wrote {args.out}")
+    changed = ((images["CFG"] - images["S2"]).abs().amax(1) > 0.1).float().mean((1, 2))  # per image, any channel
+    print(f"wrote {args.out}; pixels changed by > 0.1 between each CFG/S2 pair: at most {changed.max():.1%} "
+          f"(mean {changed.mean():.1%}) of an image")
 
 
 if __name__ == "__main__":
