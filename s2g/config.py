@@ -26,6 +26,7 @@ def build_model(model_cfg: DictConfig):
     """(model, script keys): the config's loader (`_target_`) called without the keys only scripts read, which
     come back as a dict; "embedded" checkpoints mean the weights shipped in s2g/assets (the loader's default),
     "embedded:<name>" the file s2g/assets/<name>.safetensors."""
+    check_mandatory(model_cfg, "model")
     args = OmegaConf.to_container(model_cfg, resolve=True)
     extras = {k: args.pop(k) for k in SCRIPT_KEYS if k in args}
     compile_ = bool(args.pop("compile", False))
@@ -40,6 +41,22 @@ def build_model(model_cfg: DictConfig):
             if denoiser is not None:
                 compile_regions(denoiser)
     return model, extras
+
+
+def check_mandatory(cfg: DictConfig, prefix: str) -> None:
+    """ValueError naming the first key of `cfg` still at `???` (OmegaConf's mandatory value), and the others, so
+    that an unset path is one line before anything loads, not OmegaConf's MissingMandatoryValue traceback."""
+    def walk(node, path):
+        for k in node:
+            if OmegaConf.is_missing(node, k):
+                yield f"{path}.{k}"
+            elif OmegaConf.is_dict(child := node._get_node(k)) and not child._is_none() and not child._is_missing():
+                yield from walk(child, f"{path}.{k}")
+
+    missing = list(walk(cfg, prefix))
+    if missing:
+        more = f" (also not set: {', '.join(missing[1:])})" if len(missing) > 1 else ""
+        raise ValueError(f"{missing[0]}: not set; give it on the command line, e.g. {missing[0]}=...{more}")
 
 
 def guider_factory(guidance_cfg: DictConfig):

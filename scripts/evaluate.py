@@ -123,4 +123,5 @@ def _remove_if_empty(path: Path) -> None:
 
 
 if __name__ == "__main__":
+    cli.check_config_choices(Path(__file__).resolve().parent.parent / "configs", "evaluate")  # before Hydra composes
     main()

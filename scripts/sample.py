@@ -217,9 +217,29 @@ def _write_videos(videos: dict, prompts: list[str], n: int, compare: bool, mode:
 
 @hydra.main(config_path="../configs", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
-    with cli.user_errors():  # the user's input (also what Hydra wraps), not a bug: one line, exit code 2
-        run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    # the user's input (also what Hydra wraps), not a bug: one line, exit code 2, and no run dir left for it
+    with cli.user_errors(cleanup=lambda: _remove_if_unused(out_dir)):
+        run(cfg, out_dir)
+
+
+HYDRA_FILES = {".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml"}
+
+
+def _remove_if_unused(out_dir: Path) -> None:
+    """Removes a run dir that holds only what Hydra writes at the start (.hydra/ and an empty sample.log): a run
+    that failed before writing anything. A dir with any other file is left alone."""
+    import shutil
+
+    if not out_dir.is_dir():
+        return
+    files = {p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*") if not p.is_dir()}
+    log = out_dir / "sample.log"
+    if files - HYDRA_FILES - {"sample.log"} or (log.is_file() and log.stat().st_size):
+        return
+    shutil.rmtree(out_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":
+    cli.check_config_choices(Path(__file__).resolve().parent.parent / "configs", "config")  # before Hydra composes
     main()
