@@ -76,6 +76,7 @@ def run(cfg: DictConfig, out_dir: Path) -> Path:
     from s2g.video import TextToVideo
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
+    _check_prompts(cfg)
     out_path = out_dir / cfg.output
     if out_path.exists():
         raise FileExistsError(f"{out_path} exists; outputs are never overwritten (choose output=...)")
@@ -141,6 +142,26 @@ def run(cfg: DictConfig, out_dir: Path) -> Path:
     print(f"wrote {files[0] if video else out_path}{f' (+ {len(files) - 1} more)' if len(files) > 1 else ''} "
           f"({len(batch)} {what} x {len(guiders)} guider(s), {seconds:.1f}s sampling)")
     return out_path
+
+
+def _check_prompts(cfg: DictConfig) -> None:
+    """An empty prompt samples unconditionally: refused unless asked for (prompt_unconditional=true)."""
+    prompts = cfg.prompt if cfg.prompt is not None else []
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not cfg.get("prompt_unconditional", False) and any(not str(p).strip() for p in prompts):
+        raise ValueError("prompt: an empty prompt samples unconditionally; set prompt_unconditional=true to ask "
+                         "for that, or give the prompt")
+
+
+def _run_name(choice: str, compare) -> str:
+    """The run dir's suffix: the guider (configs/guidance) or, with `compare`, every compared guider."""
+    if compare is None:
+        return str(choice)
+    names = [compare] if isinstance(compare, str) else list(compare)
+    return "-".join(str(n) for n in names) or str(choice)
+
+
+OmegaConf.register_new_resolver("s2g_run_name", _run_name, replace=True)
 
 
 GIF_FPS = 4.0  # the animated grid's default frame rate: the tiny model's 8 frames in 2 s

@@ -64,3 +64,47 @@ def test_check_mandatory_names_nested_keys_in_order():
     cfg = OmegaConf.create({"a": 1, "b": {"c": "???", "d": None}, "e": "???"})
     with pytest.raises(ValueError, match=r"^model\.b\.c: not set; .*\(also not set: model\.e\)$"):
         check_mandatory(cfg, "model")
+
+
+def test_compare_run_dir_is_named_after_its_guiders_and_no_empty_sample_log(tmp_path):
+    p = script("sample.py", "compare=[cfg,s2]", "steps=1", "samples_per_prompt=1", "prompt=a red circle",
+               "progress=false", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    (run,) = (tmp_path / "outputs" / "sample").iterdir()
+    assert run.name.endswith("_cfg-s2") and (run / "samples.png").is_file()
+    assert not (run / "sample.log").exists()  # nothing logs through Hydra's file handler: no empty file
+
+
+def test_an_empty_prompt_is_refused_unless_asked_for(tmp_path):
+    common = ["steps=1", "samples_per_prompt=1", "progress=false", "guidance=cfg"]
+    for prompt in ('prompt=""', 'prompt=[a red circle,"  "]'):
+        p = script("sample.py", f"hydra.run.dir={tmp_path / 'bad'}", prompt, *common)
+        assert "prompt_unconditional=true" in one_line(p) and not (tmp_path / "bad").exists()
+    p = script("sample.py", f"hydra.run.dir={tmp_path / 'ok'}", 'prompt=""', "prompt_unconditional=true", *common)
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "ok" / "samples.png").is_file()
+
+
+def _run(tmp_path, name, items):
+    rows = [{"seed": s, "prompt": p, "prompt_index": i, "all": 1.0} for i, (s, p) in enumerate(items)]
+    return {"dir": tmp_path / name, "rows": rows, "metrics": {}, "config": {}}
+
+
+def test_pair_says_how_many_items_it_dropped_and_why(tmp_path, monkeypatch, capsys):
+    from s2g.eval import report
+
+    a = _run(tmp_path, "a", [(s, p) for s in (0, 1) for p in ("p1", "p2", "p3")])
+    b = _run(tmp_path, "b", [(s, p) for s in (0, 1) for p in ("p1", "p2")])
+    for r in (a, b):
+        r["dir"].mkdir()
+    runs = {"a": a, "b": b}
+    monkeypatch.setattr(report, "load_run", lambda d: runs[Path(d).name])
+    monkeypatch.setattr(report, "paired", lambda x, y, *args: {"n_pairs": 4})
+    report.pair([str(tmp_path / "a"), str(tmp_path / "b")])
+    out = capsys.readouterr().out
+    assert "pair: dropped 2 of A's 6 items and 0 of B's 4" in out
+    assert "prompts: A has 1 that B lacks, B has 0 that A lacks" in out and "seeds" not in out.split("\n")[0]
+    assert "paired on the 4 they share" in out
+    assert report._dropped(a, _run(tmp_path, "same", [(r["seed"], r["prompt"]) for r in a["rows"]])) is None
+    swapped = _run(tmp_path, "x", [(0, "p1"), (1, "p2")])
+    assert "other combinations" in report._dropped(swapped, _run(tmp_path, "y", [(1, "p1"), (0, "p2")]))

@@ -185,6 +185,9 @@ def pair(dirs, n_boot: int = 2000, level: float = 0.95, seed: int = 0, fd_boot: 
     if out_path.exists():
         raise FileExistsError(f"{out_path} exists; outputs are never overwritten")
     res = paired(a, b, n_boot, level, seed, fd_boot, pr_halves)
+    dropped = _dropped(a, b)
+    if dropped:
+        print(dropped)
     out_path.write_text(json.dumps(res, indent=1))
     for m in (*kind_of(a["metrics"]).paired_metrics, "frechet", "precision", "recall"):
         if m in res:
@@ -193,6 +196,26 @@ def pair(dirs, n_boot: int = 2000, level: float = 0.95, seed: int = 0, fd_boot: 
             print(f"{m:9s} A-B {r['mean']:+.4f} [{r['lo']:+.4f}, {r['hi']:+.4f}]{p}")
     print(f"wrote {out_path} ({res['n_pairs']} paired {kind_of(a['metrics']).unit}s)")
     return res
+
+
+def _dropped(a: dict, b: dict) -> str | None:
+    """What `paired` left out, and why, when the two runs do not cover the same (prompt, seed) items; None when
+    they do."""
+    items = [{(str(r["seed"]), r["prompt"]) for r in run["rows"]} for run in (a, b)]
+    shared = items[0] & items[1]
+    only = [len(x - shared) for x in items]
+    if not any(only):
+        return None
+    why = []
+    prompts = [{p for _, p in x} for x in items]
+    seeds = [{s for s, _ in x} for x in items]
+    for name, (x, y) in (("prompts", prompts), ("seeds", seeds)):
+        if x != y:
+            why.append(f"{name}: A has {len(x - y)} that B lacks, B has {len(y - x)} that A lacks")
+    if not why:
+        why.append("the same prompts and seeds, in other combinations")
+    return (f"pair: dropped {only[0]} of A's {len(items[0])} items and {only[1]} of B's {len(items[1])}: the runs "
+            f"cover different (prompt, seed) items ({'; '.join(why)}); paired on the {len(shared)} they share")
 
 
 def gather(sweep: Path, baseline: str | None = None) -> list[dict]:
