@@ -7,6 +7,8 @@ applies a model config's own guider settings; `model_kind` says whether a model 
 """
 from __future__ import annotations
 
+import sys
+
 from omegaconf import DictConfig, OmegaConf
 
 from . import ASSETS
@@ -102,3 +104,48 @@ def model_kind(model_cfg: DictConfig) -> str:
     except Exception:  # noqa: BLE001 - an unresolvable annotation says nothing; the loader's own errors come later
         return "scene"
     return "video" if isinstance(returns, type) and issubclass(returns, TextToVideo) else "scene"
+
+
+def check_config_choices(config_dir, config_name: str, argv=None) -> None:
+    """`fail` on a command-line group override (`guidance=s3`, `-m sampler=euler,foo`) that names no file in
+    `config_dir/<group>/`, with the available options in the line. Call it before the `@hydra.main` function:
+    Hydra composes before that function runs, and its own message is many lines with exit code 1 (and no run dir
+    is made for a run that cannot start). Only the groups of `config_name`'s defaults list are checked; what this
+    cannot read (a glob or range sweep, a deletion, an extra search path, an unparsable override) is left to Hydra."""
+    from pathlib import Path
+
+    import yaml
+
+    from .cli import fail
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if any(a.split("=", 1)[0] in ("--config-dir", "-cd", "--config-path", "-cp") or a.startswith("hydra.searchpath")
+           for a in args):
+        return  # options may come from another directory
+    config_dir = Path(config_dir)
+    try:
+        defaults = (yaml.safe_load((config_dir / f"{config_name}.yaml").read_text()) or {}).get("defaults") or []
+    except (OSError, yaml.YAMLError):
+        return
+    groups = {k for d in defaults if isinstance(d, dict) for k in d if not k.startswith("override ") and "/" not in k}
+    groups = {g.split("@", 1)[0] for g in groups}
+    candidates = [a for a in args if "=" in a and not a.startswith("-") and a.lstrip("+").split("=", 1)[0]
+                  .split("@", 1)[0] in groups]
+    if not candidates:
+        return
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        overrides = OverridesParser.create().parse_overrides(candidates)
+    except Exception:  # noqa: BLE001 - Hydra reports its own syntax errors
+        return
+    for o in overrides:
+        group = o.key_or_group
+        if o.is_delete() or (o.is_sweep_override() and not o.is_choice_sweep()):
+            continue
+        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.value()]
+        available = sorted(f.stem for f in (config_dir / group).glob("*.yaml"))
+        for value in values:
+            if value is None or not isinstance(value, str) or value in available:
+                continue
+            fail(f"{group}={value}: no such config in configs/{group}/; available: {', '.join(available)}")

@@ -123,5 +123,7 @@ def _remove_if_empty(path: Path) -> None:
 
 
 if __name__ == "__main__":
-    cli.check_config_choices(Path(__file__).resolve().parent.parent / "configs", "evaluate")  # before Hydra composes
+    from s2g.config import check_config_choices
+
+    check_config_choices(Path(__file__).resolve().parent.parent / "configs", "evaluate")  # before Hydra composes
     main()

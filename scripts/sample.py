@@ -262,5 +262,7 @@ def _remove_if_unused(out_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    cli.check_config_choices(Path(__file__).resolve().parent.parent / "configs", "config")  # before Hydra composes
+    from s2g.config import check_config_choices
+
+    check_config_choices(Path(__file__).resolve().parent.parent / "configs", "config")  # before Hydra composes
     main()

@@ -1,5 +1,5 @@
 """Bad input and faults at the entry points (scripts/sample.py, scripts/evaluate.py): each is one line on stderr,
-exit code 2, and no run dir left behind (issue 22). Subprocesses; none of these samples more than a step."""
+exit code 2, and no run dir left behind. Subprocesses; none of these samples more than a step."""
 import os
 import subprocess
 import sys
