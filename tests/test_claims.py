@@ -127,3 +127,63 @@ def test_a_claims_run_equals_its_command(claims, tmp_path, monkeypatch):
     assert pipe.weak is not None and tuple(pipe.latent_shape) == (3, 32, 32)
     built = [guider_factory(OmegaConf.create(c["guidance"]))(1) for c in (mine, script)]
     assert type(built[0]) is type(built[1]) and vars(built[0]) == vars(built[1])
+
+
+def test_video_claims_quantities_on_rendered_clips(claims):
+    """The motion item's per-clip quantities on clips that follow their prompts exactly: displacement ≈ the truth,
+    never too static, the law fits, all correct (rows as per_clip.csv holds them: None as "", lists as JSON)."""
+    import json
+
+    from s2g.data.clips import render_prompts
+    from s2g.eval.video import score_clips
+
+    prompts = ["a red circle moving left", "a green triangle falling", "a white circle bouncing",
+               "a blue square moving up and a yellow triangle moving left", "a purple square standing still"]
+    rows = score_clips(render_prompts(prompts, seed=3).videos, prompts)
+    csv_rows = [{k: "" if v is None else json.dumps(v) if isinstance(v, list) else v for k, v in r.items()}
+                for r in rows]
+    vals = [claims._motion_values(r) for r in csv_rows]
+    for v, p in zip(vals, prompts):
+        if "still" in p:
+            assert v["displacement_ratio"] is None and v["too_static"] is None and v["dynamic_degree"] is None
+        else:
+            assert 0.6 < v["displacement_ratio"] < 1.4 and v["too_static"] == 0 and v["dynamic_degree"] == 1
+        physics = "falling" in p or "bouncing" in p
+        assert (v["law_fit"] == 1 and v["law_residual_px"] < 0.5) if physics else v["law_fit"] is None
+        assert v["pair_all"] == (1 if " and " in p else None)
+    moved = claims._motion_values(dict(csv_rows[0], displacement_px="[0.0]", dynamic="too static"))
+    assert moved["displacement_ratio"] == 0 and moved["too_static"] == 1
+
+
+def test_video_claims_runs_and_tables(claims, tmp_path, monkeypatch):
+    """A video model's runs go to its video sets; the tables and the motion claims read them, paired by clip."""
+    import numpy as np
+
+    spec = importlib.util.spec_from_file_location("train_tiny_video", ROOT / "scripts" / "train_tiny_video.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    from omegaconf import OmegaConf
+    cfg = OmegaConf.load(ROOT / "configs" / "train_tiny_video.yaml")
+    cfg.pop("hydra")
+    cfg.model = {"dim": 32, "num_layers": 2, "num_heads": 1, "ffn_dim": 64, "freq_dim": 32, "patch_size": [2, 4, 4]}
+    cfg.text = {"dim": 16, "depth": 1, "heads": 1, "max_len": 16, "pooled_dim": 16}
+    cfg.steps, cfg.batch_size, cfg.warmup, cfg.probe_every, cfg.export_every, cfg.threads = 1, 2, 1, 0, 0, 1
+    (tmp_path / "model").mkdir()
+    train.train(cfg, tmp_path / "model")
+    monkeypatch.setitem(claims.MODELS, "tiny_video", {"checkpoint": tmp_path / "model" / "tiny_video.safetensors",
+                                                      "weak_checkpoint": None})
+    monkeypatch.setitem(claims.SETS, "video_val", {"prompts": "video_val", "num_prompts": 5, "seeds": [0, 1]})
+    monkeypatch.setitem(claims.SAMPLING, "steps", 2)
+    run = claims.Runner("tiny_video", root=tmp_path / "runs")
+    assert run.count("val") == "10 clips" and run.sets("val") == "prompts=video_val num_prompts=5 seeds=[0,1]"
+    a, b = run("val", "s2", {"scale": 4, "omega": 1}), run("val", "cfg", {"scale": 4})
+    assert a.parent.name == "video_val" and claims.unit(a) == "clip"
+    text = claims.tables([("S²", a, b), ("CFG", b, None)])
+    assert text.splitlines()[0].startswith("|  | all correct | Δ all vs CFG | p | direction |")
+    assert text.count("\n| S² |") == 3 and text.count("\n| CFG |") == 3
+    rows = {r[0]: r for r in claims.claim_rows(a, b)}
+    from s2g.eval.report import load_run
+    ra, rb = load_run(a)["rows"], load_run(b)["rows"]
+    flick = lambda rs: np.mean([float(r["temporal_flickering"]) for r in rs])  # noqa: E731
+    assert rows["temporal flickering (all prompts; 1 = no flicker)"][-1] == "10"
+    assert rows["temporal flickering (all prompts; 1 = no flicker)"][4].startswith(f"{flick(ra) - flick(rb):+.3f}")

@@ -47,7 +47,6 @@ from s2g import ASSETS  # noqa: E402
 from s2g.eval.report import interval as iv  # noqa: E402
 from s2g.eval.report import markdown_table as _markdown  # noqa: E402
 from s2g.eval.report import plot_adherence_fd  # noqa: E402
-from s2g.tiny import load_tiny  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -56,12 +55,20 @@ SETS = {  # prompt set, number of prompts, seeds: `prompts=... num_prompts=... s
     "val": {"prompts": "val", "num_prompts": 64, "seeds": [0, 1]},
     "test": {"prompts": "test", "num_prompts": 200, "seeds": [0, 1, 2]},
     "ablation": {"prompts": "test", "num_prompts": 100, "seeds": [0, 1, 2]},
+    # the video model's (experiments/claims/video/claims_video.py): clips cost ~1.3 s each at 2 NFE a step
+    "video_val": {"prompts": "video_val", "num_prompts": 64, "seeds": [0]},
+    "video_test": {"prompts": "video_test", "num_prompts": 150, "seeds": [0, 1, 2]},
+    "video_ablation": {"prompts": "video_test", "num_prompts": 150, "seeds": [0]},
 }
 
 # What scripts/evaluate.py builds from the command line, as library arguments (tests/test_claims.py composes the
 # Hydra configs and checks each against them):
 # model=<name>: the embedded model's loader arguments (configs/model/<name>.yaml);
-MODELS = {"tiny": {}, "tiny_early": {"checkpoint": ASSETS / "tiny_early.safetensors", "weak_checkpoint": None}}
+MODELS = {"tiny": {}, "tiny_early": {"checkpoint": ASSETS / "tiny_early.safetensors", "weak_checkpoint": None},
+          "tiny_video": {"weak_checkpoint": ASSETS / "tiny_video_weak.safetensors"}}
+LOADERS = {"tiny": "s2g.tiny.load_tiny", "tiny_early": "s2g.tiny.load_tiny",
+           "tiny_video": "s2g.tiny_video.load_tiny_video"}
+VIDEO_MODELS = ("tiny_video",)  # their items read the video sets (video_val, ...) and VIDEO_METHODS
 # sampler=euler (configs/sampler/euler.yaml);
 SAMPLING = {"sampler": "euler", "steps": 28, "shift": 3.0}
 # guidance=<group>: the class configs/guidance/<group>.yaml names (`_target_`) and the values where that yaml
@@ -95,11 +102,26 @@ METHODS = {
     "s2": ("s2", {"scale": [3, 4, 6], "omega": [0.25, 1], "interval_unit": ["steps"]}),
     "naive_s2": ("naive_s2", {"scale": [3, 4, 6], "omega": [0.25, 1], "interval_unit": ["steps"]}),
 }
+# The video model's methods (Table 3 of the paper): STG is skip-layer guidance on the video DiT's blocks over the
+# whole trajectory (the SLG guider, one middle block of 10 or two), CFG-Zero* with Wan's zero-initialised first
+# step (the yaml's zero_init_steps 1).
+VIDEO_METHODS = {
+    "none": ("none", {}),
+    "cfg": ("cfg", {"scale": [1.5, 2, 3, 4, 6, 9]}),
+    "cfgpp": ("cfgpp", {"scale": [0.1, 0.2, 0.4, 0.6, 0.8, 1.0]}),
+    "apg": ("apg", {"scale": [3, 5, 7.5, 10, 15, 20]}),
+    "cfg_zero_star": ("cfg_zero_star", {"scale": [1.5, 2, 3, 4, 6, 9]}),
+    "stg": ("slg", {"scale": [3, 4, 6], "skip_scale": [1, 2], "layers": [[5]], "start": [0.0], "stop": [1.0]}),
+    "autoguidance": ("autoguidance", {"scale": [1.5, 2, 2.5, 3, 4, 6]}),
+    "s2": ("s2", {"scale": [3, 4, 6], "omega": [0.25, 1], "interval_unit": ["steps"]}),
+    "naive_s2": ("naive_s2", {"scale": [3, 4, 6], "omega": [0.25, 1], "interval_unit": ["steps"]}),
+}
 # S²'s window, named in every S² run's name: runs named without it were made before the window was read as step
 # fractions and before each image drew its own masks (σ ∈ [0.1, 0.9], one mask sequence per seed); they stay
 # on disk because the tables of the items not rerun since (blocks, sweeps, subnetworks, form) cite them.
 S2_WINDOW = {"interval_unit": "steps"}
 PAPER = {"scale": 7.5, "omega": 0.25}  # the paper's S² setting on SD3
+PAPER_VIDEO = {"scale": 5.0, "omega": 0.25}  # and on Wan (Wan 2.1's own CFG scale)
 
 
 # ------------------------------------------------------------------------------------------------ running
@@ -128,14 +150,18 @@ def overrides_for(model: str, subset: str, group: str, params: dict) -> list[str
 
 def load_model(model: str):
     """The pipeline `model=<model>` loads."""
-    return load_tiny(**MODELS[model])
+    import importlib
+
+    module, name = LOADERS[model].rsplit(".", 1)
+    return getattr(importlib.import_module(module), name)(**MODELS[model])
 
 
 def guidance_defaults(model: str) -> dict:
     """configs/model/<model>.yaml's `guidance_defaults` ({group: {key: value}}; tiny_early inherits tiny's)."""
     import yaml
 
-    return yaml.safe_load((ROOT / "configs" / "model" / "tiny.yaml").read_text()).get("guidance_defaults") or {}
+    name = "tiny" if model == "tiny_early" else model
+    return yaml.safe_load((ROOT / "configs" / "model" / f"{name}.yaml").read_text()).get("guidance_defaults") or {}
 
 
 def guider_spec(group: str, params: dict) -> dict:
@@ -163,6 +189,8 @@ class Runner:
     def __init__(self, model: str, commands: Path | None = None, root: Path | None = None):
         self.model, self.commands = model, commands
         self.root = HERE / "runs" / model if root is None else Path(root)  # root: elsewhere (tests)
+        self.methods = VIDEO_METHODS if model in VIDEO_MODELS else METHODS
+        self.prefix = "video_" if model in VIDEO_MODELS else ""  # items name val/test/ablation: this model's sets
         self.used: dict[Path, None] = {}  # the runs this item asked for, in order
         self._pipe = None
 
@@ -174,13 +202,26 @@ class Runner:
 
     def sampling_minutes(self) -> float:
         """The recorded sampling time of every run used (what regenerating them costs, one thread each)."""
-        return sum(metrics(r)["cost"]["seconds_per_image"] * metrics(r)["n_images"] for r in self.used) / 60
+        return sum(metrics(r)["cost"][f"seconds_per_{unit(r)}"] * metrics(r)[f"n_{unit(r)}s"] for r in self.used) / 60
+
+    def sets(self, subset: str) -> str:
+        """The command-line overrides of this model's `subset` (val, test, ablation)."""
+        return " ".join(set_overrides(self.prefix + subset))
+
+    @property
+    def intervals(self) -> str:
+        return INTERVALS.replace("per image", "per clip").replace("images", "clips") if self.prefix else INTERVALS
+
+    def count(self, subset: str) -> str:
+        """"600 images", "450 clips": what one run of `subset` samples."""
+        s = SETS[self.prefix + subset]
+        return f"{s['num_prompts'] * len(s['seeds'])} {'clips' if self.prefix else 'images'}"
 
     def dir(self, subset: str, group: str, params: dict) -> Path:
         return self.root / subset / run_name(group, params)
 
     def __call__(self, subset: str, group: str, params: dict | None = None) -> Path:
-        params = dict(params or {})
+        params, subset = dict(params or {}), self.prefix + subset
         out = self.dir(subset, group, params)
         self.used[out] = None
         overrides = overrides_for(self.model, subset, group, params)
@@ -204,12 +245,13 @@ class Runner:
         """The run `python scripts/evaluate.py <overrides>` makes, through the same library calls."""
         import yaml
 
-        from s2g.eval import prompt_set, work_items
-        from s2g.eval.run import BOOTSTRAP, evaluate, write_run
+        from s2g.eval import work_items
+        from s2g.eval.kinds import kind_for_pipe
+        from s2g.eval.run import evaluate, write_run
 
         overrides, spec = with_model_defaults(self.model, group, params, overrides)
         s = SETS[subset]
-        items = work_items(prompt_set(s["prompts"], s["num_prompts"]), s["seeds"])
+        items = work_items(kind_for_pipe(self.pipe).prompt_set(s["prompts"], s["num_prompts"]), s["seeds"])
         results = evaluate(self.pipe, guider_factory(spec), items, **SAMPLING, prompt_set=s["prompts"],
                            guidance_name=group, threads=1, progress=False)
         config = run_config(self.model, subset, spec)
@@ -228,7 +270,7 @@ def run_config(model: str, subset: str, spec: dict) -> dict:
                 if p.default is not inspect.Parameter.empty}
     return {"guidance": spec, "sampler": {"name": SAMPLING["sampler"], "steps": SAMPLING["steps"],
                                           "shift": SAMPLING["shift"]},
-            "model": {"_target_": f"{load_tiny.__module__}.load_tiny",
+            "model": {"_target_": LOADERS[model],
                       **{k: str(v) if isinstance(v, Path) else v for k, v in MODELS[model].items()}},
             "logger": {"name": "none"}, **SETS[subset], "seed": SETS[subset]["seeds"][0],
             "steps": SAMPLING["steps"], "shift": SAMPLING["shift"],
@@ -253,6 +295,11 @@ def with_model_defaults(model: str, group: str, params: dict, overrides: list[st
 
 def metrics(run: Path) -> dict:
     return json.loads((run / "metrics.json").read_text())
+
+
+def unit(run: Path) -> str:
+    """What a run's metrics.json counts: "image" or "clip" (s2g.eval.kinds)."""
+    return "clip" if metrics(run).get("kind") == "video" else "image"
 
 
 def all_correct(run: Path) -> float:
@@ -314,7 +361,9 @@ ATTRIBUTES = {"count": "count", "color": "colour", "shape": "shape", "relation":
 def tables(lines: list[tuple[str, Path, Path | None]], base_name: str = "CFG") -> str:
     """Rows (label, run, baseline run or None) as three tables, every number with its 95% interval:
     headline (all correct, FD, precision, recall, NFE; paired Δ to the row's baseline), per attribute (with Δ),
-    per prompt family."""
+    per prompt family. Clip runs: video_tables."""
+    if unit(lines[0][1]) == "clip":
+        return video_tables(lines, base_name)
     head = ["", "all correct", f"Δ all vs {base_name}", "p", "FD", "Δ FD", "precision", "Δ P", "recall", "Δ R",
             "NFE"]
     attr_head = ["", *ATTRIBUTES.values(), "relation given found", *[f"Δ {v}" for v in ATTRIBUTES.values()]]
@@ -334,6 +383,40 @@ def tables(lines: list[tuple[str, Path, Path | None]], base_name: str = "CFG") -
         fam_body.append([label, *[iv(fam[k]["all"]) for k in fams]])
     return "\n\n".join([_markdown(head, body), "Per attribute (relation: relational prompts only):",
                          _markdown(attr_head, attr_body), "All correct by prompt family:",
+                         _markdown(["", *fams], fam_body)])
+
+
+VIDEO_HEAD = {"direction": "direction", "dynamic_degree": "dynamic degree", "motion_smoothness": "law fit",
+              "count_stable": "count stable", "subject_consistency": "subject consistency",
+              "temporal_flickering": "temporal flickering", "color": "colour", "object_class": "object class",
+              "multiple_objects": "multiple objects"}
+
+
+def video_tables(lines: list[tuple[str, Path, Path | None]], base_name: str = "CFG") -> str:
+    """Clip runs: headline (all correct, the motion dimensions, FVD analog, NFE; paired Δ), every evaluator
+    dimension with its Δ, and all correct per family; every number with its 95% interval. The total is all
+    correct (a clip passes every dimension that applies to it), as VBench's total sums its dimensions."""
+    head = ["", "all correct", f"Δ all vs {base_name}", "p", "direction", "Δ dir", "dynamic degree", "Δ dyn",
+            "law fit", "Δ law", "FVD analog", "Δ FVD", "NFE"]
+    dims = list(VIDEO_HEAD)
+    dim_head = ["", *VIDEO_HEAD.values(), *[f"Δ {VIDEO_HEAD[k]}" for k in dims]]
+    fams = list(metrics(lines[0][1])["adherence"]["families"])
+    body, dim_body, fam_body = [], [], []
+    for label, run, base in lines:
+        m, f = metrics(run), metrics(run)["fidelity"]
+        o = m["adherence"]["overall"]
+        pd = paired(run, base) if base is not None and base != run else None
+        d = lambda k, digits=3: iv(pd[k], digits, signed=True) if pd and k in pd else "—"  # noqa: E731
+        body.append([label, iv(o["all"]), d("all"), f"{pd['all']['p_value']:.3f}" if pd else "—",
+                     iv(o["direction"]), d("direction"), iv(o["dynamic_degree"]), d("dynamic_degree"),
+                     iv(o["motion_smoothness"]), d("motion_smoothness"), iv(f["frechet"], 2), d("frechet", 2),
+                     f"{m['cost']['nfe_per_clip']:.0f}"])
+        dim_body.append([label, *[iv(o.get(k)) for k in dims], *[d(k) for k in dims]])
+        fam = m["adherence"]["families"]
+        fam_body.append([label, *[iv(fam[k]["all"]) for k in fams]])
+    note = ("Every dimension (law fit: VBench's motion smoothness, the trajectory against the named law; "
+            "definitions in s2g/eval/README_video.md):")
+    return "\n\n".join([_markdown(head, body), note, _markdown(dim_head, dim_body), "All correct by prompt family:",
                          _markdown(["", *fams], fam_body)])
 
 
@@ -374,10 +457,11 @@ def setting(params: dict) -> str:
 
 
 def tune(run: Runner, methods=None) -> dict:
-    """Every method's grid on VAL; the selected setting per method (highest all correct, ties → lower FD)."""
+    """Every method's grid (run.methods) on VAL; the selected setting per method (highest all correct, ties →
+    lower FD)."""
     selected, lines = {}, ["| method | setting | val all correct [95% interval] | val FD [95% interval] |",
                            "|---|---|---|---|"]
-    for name, (group, spec) in METHODS.items():
+    for name, (group, spec) in run.methods.items():
         if methods and name not in methods:
             continue
         if name == "autoguidance" and run.model == "tiny_early":
@@ -396,14 +480,14 @@ def best(run: Runner, folder: Path) -> None:
     selected, tuning = tune(run)
     (folder / "selected.json").parent.mkdir(parents=True, exist_ok=True)
     (folder / "selected.json").write_text(json.dumps(selected, indent=1))
-    runs = [(f"{name} ({setting(p)})", run("test", METHODS[name][0], p)) for name, p in selected.items()]
+    runs = [(f"{name} ({setting(p)})", run("test", run.methods[name][0], p)) for name, p in selected.items()]
     base = run("test", "cfg", selected["cfg"])
     text = [f"# Best against best ({run.model}): every method at its val-selected setting, on test",
-            "", f"Test: {' '.join(set_overrides('test'))} (600 images per method, 28 Euler steps). Baseline: CFG at its "
-            f"val-selected scale. {INTERVALS}", "", table(runs, base), "",
-            "## Tuning (val: " + " ".join(set_overrides("val")) + ")", "", tuning, ""]
+            "", f"Test: {run.sets('test')} ({run.count('test')} per method, 28 Euler steps). Baseline: CFG at its "
+            f"val-selected scale. {run.intervals}", "", table(runs, base), "",
+            "## Tuning (val: " + run.sets("val") + ")", "", tuning, ""]
     write(folder, "table.md", "\n".join(text))
-    plot(runs, folder / "plot.png", f"{run.model}: each method at its val-selected setting (test, 600 images)",
+    plot(runs, folder / "plot.png", f"{run.model}: each method at its val-selected setting (test, {run.count('test')})",
          base)
 
 
@@ -415,22 +499,23 @@ def s2_selected(model: str) -> dict:
 
 
 def fixed(run: Runner, folder: Path) -> None:
-    """S² on top of CFG at the same λ: the paper's λ 7.5 / ω 0.25, and at CFG's val-selected λ."""
+    """S² on top of CFG at the same λ: the paper's λ 7.5 / ω 0.25 (video: λ 5), and at CFG's val-selected λ."""
     sel = s2_selected(run.model)
+    paper = PAPER_VIDEO if run.prefix else PAPER
     lam_cfg = sel["cfg"]["scale"]
     points, text = [], [f"# S² on top of CFG at the same λ ({run.model}, test)", "",
-                      f"Test: {' '.join(set_overrides('test'))} (600 images). {INTERVALS}", ""]
-    for lam in dict.fromkeys([PAPER["scale"], lam_cfg]):
+                      f"Test: {run.sets('test')} ({run.count('test')}). {run.intervals}", ""]
+    for lam in dict.fromkeys([paper["scale"], lam_cfg]):
         base = run("test", "cfg", {"scale": lam})
         rows = [(f"CFG λ {fmt(lam)}", base)]
-        for omega in dict.fromkeys([PAPER["omega"], sel["s2"]["omega"], 1.0]):
+        for omega in dict.fromkeys([paper["omega"], sel["s2"]["omega"], 1.0]):
             rows.append((f"S² λ {fmt(lam)} ω {fmt(omega)}",
                          run("test", "s2", {"scale": lam, "omega": omega, **S2_WINDOW})))
-        text += [f"## λ = {fmt(lam)}" + (" (the paper's)" if lam == PAPER["scale"] else " (CFG's val-selected)"),
+        text += [f"## λ = {fmt(lam)}" + (" (the paper's)" if lam == paper["scale"] else " (CFG's val-selected)"),
                  "", table(rows, base, f"CFG {fmt(lam)}"), ""]
         points += [(label, r, base) for label, r in rows]
     write(folder, "table.md", "\n".join(text))
-    plot(points, folder / "plot.png", f"S² on top of CFG at the same λ ({run.model}, test, 600 images)")
+    plot(points, folder / "plot.png", f"S² on top of CFG at the same λ ({run.model}, test, {run.count('test')})")
 
 
 def around_s2(run: Runner, folder: Path, title: str, variants: list[tuple[str, str, dict]], base_params=None):
@@ -438,8 +523,8 @@ def around_s2(run: Runner, folder: Path, title: str, variants: list[tuple[str, s
     sel = s2_selected(run.model)["s2"]
     base = run("ablation", "cfg", {"scale": sel["scale"]} if base_params is None else base_params)
     rows = [(f"CFG λ {fmt(sel['scale'])}", base)] + [(lab, run("ablation", g, p)) for lab, g, p in variants]
-    text = [f"# {title} ({run.model})", "", f"Ablation set: {' '.join(set_overrides('ablation'))} (300 images); S²'s "
-            f"val-selected setting: {setting(sel)}. Baseline: CFG at the same λ. {INTERVALS}", "",
+    text = [f"# {title} ({run.model})", "", f"Ablation set: {run.sets('ablation')} ({run.count('ablation')}); S²'s "
+            f"val-selected setting: {setting(sel)}. Baseline: CFG at the same λ. {run.intervals}", "",
             table(rows, base, "CFG"), ""]
     write(folder, "table.md", "\n".join(text))
     plot(rows, folder / "plot.png", f"{title} ({run.model})", base)
@@ -456,6 +541,10 @@ def blocks(run: Runner, folder: Path) -> None:
 def sweeps(run: Runner, folder: Path) -> None:
     sel = s2_selected(run.model)["s2"]
     lam, omega = sel["scale"], sel["omega"]
+    omegas = [(f"S² ω {fmt(w)}", "s2", dict(sel, omega=w)) for w in (0.25, 0.5, 1, 2)]
+    if run.prefix:  # video: the ω sweep alone (the issue's budget), ω 0 = the CFG row
+        around_s2(run, folder / "omega", "Fig. 7b analog: ω sweep (ω 0 = CFG)", omegas)
+        return
     write(folder, "table.md", f"# Fig. 7 analogs ({run.model}): the λ sweep (lambda/table.md), the ω sweep "
           "(omega/table.md) and the σ interval (interval/table.md)\n")
     rows = []
@@ -470,8 +559,7 @@ def sweeps(run: Runner, folder: Path) -> None:
     text += [INTERVALS, "", tables(lines, "CFG same λ"), ""]
     write(folder / "lambda", "table.md", "\n".join(text))
     plot(lines, folder / "lambda" / "plot.png", f"λ sweep, CFG and S² ω {fmt(omega)} ({run.model})")
-    around_s2(run, folder / "omega", "Fig. 7b analog: ω sweep (ω 0 = CFG)",
-              [(f"S² ω {fmt(w)}", "s2", dict(sel, omega=w)) for w in (0.25, 0.5, 1, 2)])
+    around_s2(run, folder / "omega", "Fig. 7b analog: ω sweep (ω 0 = CFG)", omegas)
     around_s2(run, folder / "interval", "Fig. 7e analog: the σ interval of the S² term",
               [(f"S² window [{a}, {b}] ({sel.get('interval_unit', 'sigma')})", "s2", dict(sel, interval=[a, b]))
                for a, b in ((0.4, 0.6), (0.3, 0.7), (0.1, 0.9), (0.0, 1.0), (0.0, 0.5), (0.5, 1.0))])
@@ -490,11 +578,10 @@ def subnetworks(run: Runner, folder: Path) -> None:
     for label, r in rows:
         m = metrics(r)
         a = m["adherence"]["overall"]["all"]
-        ax.errorbar(m["cost"]["nfe_per_image"], a["mean"], yerr=[[a["mean"] - a["lo"]], [a["hi"] - a["mean"]]],
-                    fmt="o", capsize=2)
-        ax.annotate(label, (m["cost"]["nfe_per_image"], a["mean"]), fontsize=7, xytext=(3, 3),
-                    textcoords="offset points")
-    ax.set_xlabel("NFE per image (28 steps)")
+        nfe = m["cost"][f"nfe_per_{unit(r)}"]
+        ax.errorbar(nfe, a["mean"], yerr=[[a["mean"] - a["lo"]], [a["hi"] - a["mean"]]], fmt="o", capsize=2)
+        ax.annotate(label, (nfe, a["mean"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel(f"NFE per {unit(rows[0][1])} (28 steps)")
     ax.set_ylabel("all correct")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -513,7 +600,6 @@ def kappa(run: Runner, params: dict) -> float:
     import torch
 
     from s2g.eval.harness import generate, work_items
-    from s2g.eval.prompts import prompt_set
     from s2g.guidance.controls import KappaProbe
 
     torch.set_num_threads(1)
@@ -523,7 +609,7 @@ def kappa(run: Runner, params: dict) -> float:
         probes.append(KappaProbe(**{k: v for k, v in params.items()}, seed=seed))
         return probes[-1]
 
-    generate(run.pipe, make, work_items(prompt_set("val", 64), [0]), batch_size=32, progress=False, **SAMPLING)
+    generate(run.pipe, make, work_items(val_prompts(run.model, 64), [0]), batch_size=32, progress=False, **SAMPLING)
     num, den = sum(p._num for p in probes), sum(p._den for p in probes)  # one probe: its sums span both batches
     return num / den
 
@@ -554,6 +640,18 @@ def controls(run: Runner, folder: Path) -> None:
     around_s2(run, folder, f"Controls around S² (κ = {k:.4f} on val, λ_eff = λ − ωκ = {lam_eff:.3f})", variants)
 
 
+def methods_for(model: str) -> dict:
+    return VIDEO_METHODS if model in VIDEO_MODELS else METHODS
+
+
+def val_prompts(model: str, n: int) -> list[str]:
+    """The first n prompts of the model's val set (images: val; clips: video_val)."""
+    from s2g.data.clips import video_prompt_set
+    from s2g.eval.prompts import prompt_set
+
+    return video_prompt_set("val", n) if model in VIDEO_MODELS else prompt_set("val", n)
+
+
 def _guider(group: str, params: dict, seed: int = 0):
     """The guider `guidance=<group>` with `params` builds for `seed` (no model defaults: every cost row is explicit)."""
     return guider_factory(guider_spec(group, params))(seed)
@@ -576,12 +674,11 @@ def cost_worker(model: str, name: str, params: dict) -> None:
     import torch
 
     from s2g.eval.cost import peak_rss
-    from s2g.eval.prompts import prompt_set
 
     torch.set_num_threads(1)
-    guider = _guider(METHODS[name][0], params)
+    guider = _guider(methods_for(model)[name][0], params)
     pipe = load_model(model)
-    cond, uncond = pipe.conditioning(prompt_set("val", 32))
+    cond, uncond = pipe.conditioning(val_prompts(model, 32))
     noise = pipe.noise(32, 0)
     print(json.dumps(peak_rss(lambda: _one_run(pipe, guider, cond, uncond, noise))))
 
@@ -591,16 +688,14 @@ def measure_cost(model: str, repeats: int, memory_repeats: int) -> dict:
 
     import torch
 
-    from s2g.eval.prompts import prompt_set
-
     torch.set_num_threads(1)
     sel = s2_selected(model)
     sel["naive_s2 N 8"] = dict(sel["s2"], num_subnetworks=8)
     names = list(sel)
     pipe = load_model(model)
-    cond, uncond = pipe.conditioning(prompt_set("val", 32))
+    cond, uncond = pipe.conditioning(val_prompts(model, 32))
     noise = pipe.noise(32, 0)
-    group = lambda n: METHODS[n.split()[0]][0]  # noqa: E731
+    group = lambda n: methods_for(model)[n.split()[0]][0]  # noqa: E731
     rotate = lambda r: names[r % len(names):] + names[:r % len(names)]  # noqa: E731
     res = {n: [] for n in names}
     for r in range(repeats):
@@ -700,14 +795,95 @@ def cost_plot(rows: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _motion_values(row: dict) -> dict:
+    """One clip's measured quantities for the video claims (None where one does not apply): displacement against
+    the ground truth (the largest distance from the start, over the middle of the law's range: 1 = the right
+    amount of motion), too static, the fit to the named law and its residual (px), all correct, consistency."""
+    from s2g.data.clips import displacement_range, parse_video_prompt
+
+    num = lambda k: None if row.get(k, "") == "" else float(row[k])  # noqa: E731
+    motions = [m for _, _, m in parse_video_prompt(row["prompt"])]
+    shown = json.loads(row["displacement_px"]) if row.get("displacement_px") else []
+    ratios = [d / (sum(displacement_range(m)) / 2) for d, m in zip(shown, motions) if d is not None and m != "still"]
+    law = [x for x in (json.loads(row["law_residual_px"]) if row.get("law_residual_px") else []) if x is not None]
+    physics = row["family"] in ("falling", "bouncing")
+    moving = row["family"] != "static"
+    return {"displacement_ratio": float(np.mean(ratios)) if ratios else None,
+            "dynamic_degree": num("dynamic_degree") if moving else None,
+            "too_static": float(row["dynamic"] == "too static") if moving and row.get("dynamic") else None,
+            "law_fit": num("motion_smoothness") if physics else None,
+            "law_residual_px": float(np.mean(law)) if physics and law else None,
+            "pair_all": num("all") if row["family"] == "pair" else None,
+            "subject_consistency": num("subject_consistency"), "temporal_flickering": num("temporal_flickering")}
+
+
+CLAIMS = [  # (key, what it measures, the paper's claim)
+    ("displacement_ratio", "displacement / ground truth (moving prompts; 1 = right)", "more pronounced motion"),
+    ("dynamic_degree", "dynamic degree (moving prompts: displacement in the law's range)", "more pronounced motion"),
+    ("too_static", "share too static (moving prompts)", "more pronounced motion"),
+    ("law_fit", "law fit (falling, bouncing: trajectory follows the law)", "physically plausible movement"),
+    ("law_residual_px", "law residual px (falling, bouncing; lower = better)", "physically plausible movement"),
+    ("pair_all", "all correct, two-object prompts", "complex prompts followed to the end"),
+    ("subject_consistency", "subject consistency (all prompts)", "consistency drops slightly (reviewer, 14B)"),
+    ("temporal_flickering", "temporal flickering (all prompts; 1 = no flicker)", "consistency drops slightly"),
+]
+
+
+def claim_rows(a: Path, b: Path) -> list[list[str]]:
+    """Each CLAIMS quantity for runs A and B on their shared (prompt, seed) clips where it applies to both: A's
+    mean, B's mean, A − B with its 95% interval over prompts and the sign-flip p."""
+    from s2g.eval.report import load_run
+    from s2g.eval.stats import bootstrap_mean, paired_difference
+
+    ra, rb = load_run(a)["rows"], load_run(b)["rows"]
+    index = {(r["seed"], r["prompt"]): r for r in rb}
+    pairs = [(_motion_values(r), _motion_values(index[(r["seed"], r["prompt"])]), r["prompt"])
+             for r in ra if (r["seed"], r["prompt"]) in index]
+    out = []
+    for key, what, claim in CLAIMS:
+        keep = [(x[key], y[key], c) for x, y, c in pairs if x[key] is not None and y[key] is not None]
+        if len({c for _, _, c in keep}) < 2:
+            out.append([what, claim, "—", "—", "—", "—", str(len(keep))])
+            continue
+        va, vb, cl = (np.array(v) for v in zip(*keep))
+        d = paired_difference(va.astype(float), vb.astype(float), cl).as_dict()
+        ia, ib = (bootstrap_mean(v.astype(float), cl).as_dict() for v in (va, vb))
+        out.append([what, claim, iv(ia), iv(ib), iv(d, signed=True), f"{d['p_value']:.3f}", str(len(keep))])
+    return out
+
+
+def motion(run: Runner, folder: Path) -> None:
+    """The article's video claims as measured quantities, S² against CFG on the same clips: at each method's
+    val-selected setting (best against best), and on top of CFG at the same λ (the paper's protocol)."""
+    if not run.prefix:
+        sys.exit("error: the motion item is for a video model (--model tiny_video)")
+    sel = s2_selected(run.model)
+    comparisons = [("best against best", run("test", "s2", sel["s2"]), run("test", "cfg", sel["cfg"]),
+                    f"S² ({setting(sel['s2'])}) − CFG ({setting(sel['cfg'])})")]
+    lam = PAPER_VIDEO["scale"]
+    comparisons.append(("the paper's protocol", run("test", "s2", {**PAPER_VIDEO, **S2_WINDOW}),
+                        run("test", "cfg", {"scale": lam}), f"S² (λ {fmt(lam)}, ω {fmt(PAPER_VIDEO['omega'])}) − "
+                                                            f"CFG (λ {fmt(lam)})"))
+    head = ["quantity", "the paper's claim", "S²", "CFG", "Δ S² − CFG", "p", "clips"]
+    text = [f"# The video claims, measured ({run.model}, test)", "",
+            f"Test: {run.sets('test')} ({run.count('test')} per method). Each quantity on the clips it applies to, "
+            "paired by (prompt, seed) on the same noise; 95% bootstrap intervals over prompts, sign-flip p. "
+            "Displacement: the largest distance from the start position (the evaluator's track), over the middle "
+            "of the named motion's range (s2g.data.clips.displacement_range). Dimensions: s2g/eval/README_video.md.",
+            ""]
+    for title, a, b, label in comparisons:
+        text += [f"## {title}: {label}", "", _markdown(head, claim_rows(a, b)), ""]
+    write(folder, "table.md", "\n".join(text))
+
+
 ITEMS = {"best": best, "fixed": fixed, "blocks": blocks, "sweeps": sweeps, "subnetworks": subnetworks,
-         "form": form, "controls": controls, "cost": cost}
+         "form": form, "controls": controls, "cost": cost, "motion": motion}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("item", choices=list(ITEMS))
-    ap.add_argument("--model", default="tiny", choices=["tiny", "tiny_early"])
+    ap.add_argument("--model", default="tiny", choices=list(MODELS))
     ap.add_argument("--only", nargs="*", help="best: tune only these methods (no test, no table)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)  # cost: one method's peak memory, in a fresh process
     ap.add_argument("--params", help=argparse.SUPPRESS)
