@@ -10,6 +10,14 @@
     python experiments/claims/claims.py controls                # placebo, matched-λ CFG, fixed block, ω < 0
     python experiments/claims/claims.py cost                    # Table 5: NFE, work, time, peak memory
 
+The video claims (Table 3, Fig. 1/5) on the embedded video model, with the same items where they apply:
+
+    python experiments/claims/claims.py best --model tiny_video     # Table 3: VIDEO_METHODS tuned on video_val
+    python experiments/claims/claims.py fixed --model tiny_video    # S² on CFG at λ 5 (Wan's) and CFG's own λ
+    python experiments/claims/claims.py motion --model tiny_video   # dynamics, physics, two-object prompts, consistency
+    python experiments/claims/claims.py sweeps --model tiny_video   # ω (0 to 2)
+    python experiments/claims/claims.py blocks --model tiny_video   # dropped blocks; also subnetworks, controls, cost
+
 Every image comes from the library scripts/evaluate.py calls (`s2g.eval.run.evaluate` and `write_run`, called
 in-process with the objects that command builds, so that a sweep pays Python's start-up once; tests/test_claims.py
 checks that they are the same); each run dir holds the exact equivalent command line in run.json, and each
@@ -24,6 +32,9 @@ Protocol (fixed before any test run):
 - the report on TEST (the first 200 test prompts x seeds 0, 1, 2 = 600 images per method), paired against CFG;
 - ablations (items 3-8) on ABLATION (the first 100 test prompts x seeds 0, 1, 2), around S²'s val-selected
   setting; nothing is chosen on them.
+- video: the same rules on video_val (the first 64 val prompts x seed 0), video_test (the first 150 test prompts
+  x seeds 0, 1, 2 = 450 clips per method) and video_ablation (those 150 prompts x seed 0), sized to the budget
+  of 6 h of one thread for every video item (a clip costs about 1.3 s at 2 NFE a step here).
 
 Every table number carries its 95% interval over prompts (see INTERVALS); runs written before precision/recall
 had intervals are rescored from their saved features once (fidelity_rescored.json), and paired differences are
