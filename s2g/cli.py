@@ -27,6 +27,15 @@ def fail(message) -> None:
     sys.exit(2)
 
 
+def check_counts(cfg, keys) -> None:
+    """ValueError for the first of `keys` in `cfg` (a mapping) that is set but not an integer >= 1 (batch_size=-1
+    would otherwise sample nothing and fail in torch.cat, batch_size=0 in range()); None means the default."""
+    for key in keys:
+        value = cfg.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
+
+
 def _cause(e: BaseException) -> BaseException:
     """The user error behind `e`: `e` itself, or the error it was raised from (Hydra's instantiate wraps what a
     loader or guider raises that way)."""

@@ -48,8 +48,16 @@ def load_tiny_text(path, dtype: torch.dtype = torch.float32) -> TinyTextEncoder:
 
 
 def load_tiny(checkpoint=TINY_CHECKPOINT, weak_checkpoint=TINY_WEAK_CHECKPOINT, image_size: int | None = None,
-              dtype: torch.dtype = torch.float32) -> TextToImage:
-    """The embedded pixel-space model: MMDiT + tiny text encoder from one file, optional weak MMDiT."""
+              dtype: torch.dtype | str = torch.float32) -> TextToImage:
+    """The embedded pixel-space model: MMDiT + tiny text encoder from one file, optional weak MMDiT.
+    `dtype`: a torch dtype or its name as the model configs write it (float32, bfloat16, float16; auto = float32);
+    the sampler still steps in float32, the networks cast their inputs to their weights' dtype."""
+    from .sd3 import _dtype
+
+    try:  # a config's "float16" is a name: Tensor.to("float16") would read it as a device
+        dtype = _dtype(dtype, torch.float32)
+    except ValueError as e:
+        raise ValueError(f"model.{e}") from None
     checkpoint = Path(checkpoint).expanduser()
     for key, path in (("checkpoint", checkpoint), ("weak_checkpoint", weak_checkpoint)):
         if path and not Path(path).expanduser().is_file():

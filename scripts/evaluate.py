@@ -22,6 +22,7 @@ from s2g import cli  # first: sets the thread defaults before torch is imported 
 
 cli.one_blas_thread()
 import os  # noqa: E402
+import shutil  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -61,17 +62,43 @@ OmegaConf.register_new_resolver("s2g_test_set", _test_set, use_cache=True, repla
 def main(cfg: DictConfig) -> None:
     from s2g.eval import report
 
+    from s2g.eval.run import remove_unstarted
+
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    with cli.user_errors(cleanup=lambda: _remove_if_empty(run_dir)):  # a run dir made for a run that never started
+    with cli.user_errors(cleanup=lambda: remove_unstarted(run_dir)):  # a run dir made for a run that never started
         if cfg.gather is not None:
             report.gather(Path(cfg.gather), baseline=cfg.baseline)
         elif cfg.pair is not None:
             b = cfg.bootstrap
             report.pair(cfg.pair, int(b.n), float(b.level), int(b.seed), int(b.fd_n), int(b.pr_halves))
         else:
-            run(cfg, run_dir)
+            try:
+                run(cfg, run_dir)
+            except KeyboardInterrupt:
+                _interrupted(run_dir)
             return
         _remove_if_empty(run_dir)  # gather / pair write next to their inputs, not into a fresh run dir
+
+
+def _interrupted(run_dir: Path) -> None:
+    """Ctrl-C: where the run stopped and the command that resumes it, one line on stderr (rank 0), exit 130."""
+    import sys
+
+    from s2g.eval.run import PARTIAL, finished_items
+
+    if os.environ.get("RANK", "0") == "0":
+        args = sys.argv[1:]
+        if not any(a.startswith("hydra.run.dir=") for a in args):  # the default dir is named after the time
+            args.append(f"hydra.run.dir={run_dir}")
+        world = os.environ.get("WORLD_SIZE")
+        launcher = f"torchrun --nproc_per_node={world}" if world else "python"
+        print(f"\ninterrupted: {finished_items(run_dir)} of {_TOTAL.get('items', '?')} items finished and saved in "
+              f"{run_dir / PARTIAL}; to resume, run: {launcher} scripts/evaluate.py {' '.join(args)}",
+              file=sys.stderr)
+    sys.exit(130)
+
+
+_TOTAL: dict = {}  # the run's item count, for the interrupt message
 
 
 def run(cfg: DictConfig, run_dir: Path) -> None:
@@ -79,7 +106,7 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
     from s2g.config import apply_guidance_defaults, build_model, guider_factory, instantiate, model_kind
     from s2g.eval import work_items
     from s2g.eval.kinds import kind_named
-    from s2g.eval.run import check_new_run_dir, evaluate, write_run
+    from s2g.eval.run import PARTIAL, evaluate, open_run_dir, write_run
 
     overrides = list(HydraConfig.get().overrides.task)
     name = HydraConfig.get().runtime.choices.get("guidance", "guidance")
@@ -87,12 +114,16 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
     if applied:  # recorded in run.json's command, so that the command alone reproduces the run
         print(f"{name}: the model config's guidance_defaults {applied} (override with guidance.<key>=...)")
         overrides += [f"guidance.{k}={v}" for k, v in applied.items()]
-    check_new_run_dir(run_dir)
+    cli.check_counts(cfg, ("batch_size", "steps", "num_prompts"))
     seeds = list(cfg.seeds) if OmegaConf.is_list(cfg.seeds) else [cfg.seeds]
     kind = kind_named(model_kind(cfg.model))  # images or clips: which prompt sets, evaluator and summary
     items = work_items(kind.prompt_set(str(cfg.prompts), cfg.num_prompts), seeds)
+    _TOTAL["items"] = len(items)
     make_guider = guider_factory(cfg.guidance)
     make_guider(items[0].seed)  # bad guider parameters fail before the model loads
+    config = OmegaConf.to_yaml(cfg, resolve=True)
+    # a finished dir, or an interrupted one of other settings, is refused; one of the same settings resumes
+    open_run_dir(run_dir, config, write=os.environ.get("RANK", "0") == "0")
     extra = {k: instantiate(c) for k, c in (cfg.extra_metrics or {}).items()}
     pipe, _ = build_model(cfg.model)
     results = evaluate(pipe, make_guider, items, batch_size=int(cfg.batch_size), steps=int(cfg.steps),
@@ -100,10 +131,12 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
                        evaluator=cfg.evaluator, min_area=int(cfg.min_area), reference_seed=int(cfg.reference_seed),
                        bootstrap=OmegaConf.to_container(cfg.bootstrap), extra_metrics=extra, grid=int(cfg.grid),
                        save_images=cfg.save_images, images_dir=run_dir / "images", prompt_set=str(cfg.prompts),
-                       guidance_name=name, threads=int(cfg.threads), progress=bool(cfg.progress))
+                       guidance_name=name, threads=int(cfg.threads), progress=bool(cfg.progress),
+                       work_dir=run_dir / PARTIAL)
     if results is None:  # a torchrun rank other than 0: rank 0 writes
         return
-    record = write_run(run_dir, results, config=OmegaConf.to_yaml(cfg, resolve=True), overrides=overrides)
+    record = write_run(run_dir, results, config=config, overrides=overrides)
+    shutil.rmtree(run_dir / PARTIAL, ignore_errors=True)  # every result is in the run's own files now
     logger = cli.wandb_logger(cfg.logger, run_dir, {**OmegaConf.to_container(cfg, resolve=True), **record})
     if logger is not None:
         import wandb

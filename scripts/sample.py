@@ -77,6 +77,7 @@ def run(cfg: DictConfig, out_dir: Path) -> Path:
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
     _check_prompts(cfg)
+    cli.check_counts(cfg, ("batch_size", "samples_per_prompt", "upscale", "steps"))
     out_path = out_dir / cfg.output
     if out_path.exists():
         raise FileExistsError(f"{out_path} exists; outputs are never overwritten (choose output=...)")
@@ -94,9 +95,8 @@ def run(cfg: DictConfig, out_dir: Path) -> Path:
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise ValueError("no prompts: set prompt=... or model.default_prompts")
+    cli.check_counts(layout, layout)  # the model config's `grid` defaults too
     n = int(layout["samples_per_prompt"])
-    if n < 1:
-        raise ValueError(f"samples_per_prompt must be >= 1, got {n}")
     batch = [p for p in prompts for _ in range(n)]  # prompt-major: row i = prompt i
     video = isinstance(pipe, TextToVideo)
     mode = _video_mode(cfg.video, pipe) if video else "png"

@@ -2,9 +2,11 @@
 
 An image depends only on its (prompt, seed): its initial noise comes from a generator seeded by a hash of
 both, and so do its S² masks (the guider seeds one mask generator per row from that hash; a batch holds items of
-one seed only, whose guider carries that seed). Batches are always padded to
-`batch_size` rows (the padding rows are dropped), so every network call has the same shape however the items
-are split over processes. Hence `torchrun` with any number of ranks gives exactly the single-process images.
+one seed only, whose guider carries that seed). Every call is padded to `call_rows` rows (the padding rows are
+dropped), so every network call has the same shape however the items are split over processes or resumed runs.
+`call_rows(items, batch_size)` gives that shape: the batch size, but never more rows than the run's largest
+seed group, so a batch size far above the run's size costs no padding beyond what one call would hold. Hence
+`torchrun` with any number of ranks gives exactly the single-process images.
 """
 from __future__ import annotations
 
@@ -73,34 +75,53 @@ def counting_passes(guider):
         del guider.passes  # back to the class method
 
 
+def call_rows(items: list[Item], batch_size: int) -> int:
+    """Rows per sampling call for a run of `items` (all ranks' items): `batch_size`, but at most the largest seed
+    group (a batch holds one seed), so padding never goes beyond the rows the run's largest call needs. Every rank
+    computes it from the whole item list: the same call shape everywhere."""
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size}")
+    groups: dict[int, int] = {}
+    for it in items:
+        groups[it.seed] = groups.get(it.seed, 0) + 1
+    return max(1, min(int(batch_size), max(groups.values(), default=1)))
+
+
 def generate(pipe, make_guider, items: list[Item], *, batch_size: int, steps: int, shift: float, sampler: str,
-             progress: bool = True, desc: str = "evaluate"):
+             progress: bool = True, desc: str = "evaluate", rows: int | None = None, on_batch=None):
     """Images [n, C, H, W] in [0, 1] for `items` (in their order), NFE per image, and seconds of sampling.
 
-    make_guider(seed) -> a guider seeded for that seed (S² masks)."""
+    make_guider(seed) -> a guider seeded for that seed (S² masks). `batch_size` items per call, each call padded
+    to `rows` rows (default `batch_size`; see `call_rows`). on_batch(batch, padded, images, nfe, seconds), if
+    given, is called after every call with its items, the padded items and their images (padding included)."""
+    rows = int(batch_size if rows is None else rows)
+    batch_size = min(int(batch_size), rows)
     out: dict[int, torch.Tensor] = {}
     nfe: dict[int, int] = {}
     seconds = 0.0
     by_seed: dict[int, list[Item]] = {}
     for it in items:
         by_seed.setdefault(it.seed, []).append(it)
-    bar = tqdm(total=len(items), desc=desc, disable=not progress)
-    for seed, group in by_seed.items():
-        guider = make_guider(seed)
-        for i in range(0, len(group), batch_size):
-            batch = group[i:i + batch_size]
-            padded = batch + [batch[-1]] * (batch_size - len(batch))  # fixed call shapes: see module docstring
-            noise = torch.stack([item_noise(pipe.latent_shape, it.seed, it.prompt) for it in padded])
-            t0 = time.perf_counter()
-            with counting_passes(guider) as counter:
-                images = pipe([it.prompt for it in padded], guider, noise=noise, steps=steps, shift=shift,
-                              sampler=sampler, batch_size=batch_size,
-                              row_seeds=[item_seed(it.seed, it.prompt) for it in padded])
-            seconds += time.perf_counter() - t0
-            for it, img in zip(batch, images):
-                out[it.index], nfe[it.index] = img, counter[0]
-            bar.update(len(batch))
-    bar.close()
+    # a context manager: an interrupt closes the bar, so that what is printed next starts on its own line
+    with tqdm(total=len(items), desc=desc, disable=not progress) as bar:
+        for seed, group in by_seed.items():
+            guider = make_guider(seed)
+            for i in range(0, len(group), batch_size):
+                batch = group[i:i + batch_size]
+                padded = batch + [batch[-1]] * (rows - len(batch))  # fixed call shapes: see module docstring
+                noise = torch.stack([item_noise(pipe.latent_shape, it.seed, it.prompt) for it in padded])
+                t0 = time.perf_counter()
+                with counting_passes(guider) as counter:
+                    images = pipe([it.prompt for it in padded], guider, noise=noise, steps=steps, shift=shift,
+                                  sampler=sampler, batch_size=rows,
+                                  row_seeds=[item_seed(it.seed, it.prompt) for it in padded])
+                dt = time.perf_counter() - t0
+                seconds += dt
+                for it, img in zip(batch, images):
+                    out[it.index], nfe[it.index] = img, counter[0]
+                if on_batch is not None:
+                    on_batch(batch, padded, images, counter[0], dt)
+                bar.update(len(batch))
     order = [it.index for it in items]
     images = torch.stack([out[k] for k in order]) if order else torch.empty(0)
     return images, [nfe[k] for k in order], seconds
@@ -169,6 +190,27 @@ def adherence_summary(rows: list[dict], n_boot: int = 2000, level: float = 0.95,
     return summary
 
 
+FIDELITY_K = 3  # k of the k-NN precision / recall
+
+
+def fidelity_shortfall(clusters, k: int = FIDELITY_K) -> str | None:
+    """Why the fidelity block cannot be computed on samples with these prompt labels (one per sample), or None:
+    the Fréchet distance's interval resamples prompts (at least 2), and precision / recall need more than k
+    samples for a k-th neighbour."""
+    clusters = np.asarray(clusters)
+    n, c = len(clusters), len(set(clusters.tolist()))
+    if c < 2 or n <= k:
+        return (f"fidelity (Fréchet distance, precision, recall) needs at least {k + 1} samples of at least 2 "
+                f"prompts; this run has {n} of {c}")
+    return None
+
+
+def _half_sample_ok(clusters, k: int) -> bool:
+    """The delete-half jackknife keeps half the prompts: its smallest half must still hold more than k samples."""
+    sizes = sorted(np.unique(np.asarray(clusters), return_counts=True)[1].tolist())
+    return len(sizes) >= 4 and sum(sizes[:len(sizes) - len(sizes) // 2]) > k
+
+
 def fidelity_summary(gen: np.ndarray, ref: np.ndarray, ref2: np.ndarray, clusters: np.ndarray, k: int = 3,
                      n_boot: int = 200, level: float = 0.95, seed: int = 0, seeds: np.ndarray | None = None,
                      n_halves: int = 100) -> dict:
@@ -178,9 +220,10 @@ def fidelity_summary(gen: np.ndarray, ref: np.ndarray, ref2: np.ndarray, cluster
     duplicated rows shrink the k-NN radii): their intervals come from the delete-half jackknife over prompts
     (`stats.half_sample_interval`, `n_halves` replicates; a prompt's images and renders leave together). Their
     spread per noise seed (`seeds`: each image's seed) is kept too, each on that seed's images and renders."""
+    short = fidelity_shortfall(clusters, k)
+    if short is not None:
+        raise ValueError(short)
     fd = stats.frechet_distance(gen, ref)
-    if len(set(clusters.tolist())) < 2:
-        raise ValueError("the Fréchet interval needs at least 2 prompts")
     interval = stats.bootstrap_statistic(lambda g, r: stats.frechet_distance(g, r), gen, ref, clusters=clusters,
                                          n_boot=n_boot, level=level, seed=seed).as_dict()
     interval["mean"] = fd  # the point estimate on the full sample; lo/hi from the bootstrap
@@ -188,7 +231,7 @@ def fidelity_summary(gen: np.ndarray, ref: np.ndarray, ref2: np.ndarray, cluster
     out = {"frechet": interval, "frechet_floor": stats.frechet_distance(ref2, ref), "precision": float(precision),
            "recall": float(recall), "feature_dim": int(gen.shape[1]), "n_generated": int(len(gen)),
            "n_reference": int(len(ref)), "k": k}
-    if len(set(clusters.tolist())) >= 4:
+    if _half_sample_ok(clusters, k):  # else precision / recall come without an interval
         p, r = stats.half_sample_interval(lambda g, f: stats.precision_recall(f, g, k=k), gen, ref,
                                           clusters=clusters, level=level, n_halves=n_halves, seed=seed,
                                           bounds=(0.0, 1.0))

@@ -50,6 +50,7 @@ class SceneKind:
     unit = "image"  # metrics.json: n_images, nfe_per_image, seconds_per_image
     short = "img"  # gather's s/<short> column
     rows_file = "per_image.csv"
+    sample_suffix = ".png"  # save_sample's file type
     prompt_sets = ("test", "val")
     paired_metrics = ("all", "count", "color", "shape", "relation")
     table_metrics = ("all", "count", "color", "shape", "relation", "relation_given_found", "flipped_given_found")
@@ -114,7 +115,7 @@ class SceneKind:
     def save_sample(self, sample: torch.Tensor, path_stem: Path, fps: float) -> None:
         from ..images import save_png
 
-        save_png(sample, Path(f"{path_stem}.png"))
+        save_png(sample, Path(f"{path_stem}{self.sample_suffix}"))
 
     def grid_files(self) -> tuple[str, ...]:
         return ("samples.png",)
@@ -150,6 +151,7 @@ class VideoKind(SceneKind):
     unit = "clip"  # metrics.json: n_clips, nfe_per_clip, seconds_per_clip
     short = "clip"
     rows_file = "per_clip.csv"
+    sample_suffix = ".mp4"
     prompt_sets = ("video_test", "video_val")
     paired_metrics = ("all", "found", "count_stable", "color", "object_class", "multiple_objects", "direction",
                       "dynamic_degree", "motion_smoothness", "subject_consistency", "temporal_flickering")
@@ -266,7 +268,7 @@ class VideoKind(SceneKind):
     def save_sample(self, sample: torch.Tensor, path_stem: Path, fps: float) -> None:
         from ..video import save_mp4
 
-        save_mp4(sample, Path(f"{path_stem}.mp4"), fps=fps)
+        save_mp4(sample, Path(f"{path_stem}{self.sample_suffix}"), fps=fps)
 
     def grid_files(self) -> tuple[str, ...]:
         return ("samples.gif", "samples.png")

@@ -78,3 +78,13 @@ def prompt_set(name: str, num_prompts: int | None = None) -> list[str]:
     if not prompts:
         raise ValueError(f"prompt set {name!r} is empty")
     return prompts
+
+
+def prompt_lines(path) -> dict[str, int]:
+    """{prompt: its first line number (1-based)} of a prompt file (blank lines and # comments skipped), in file
+    order: what an error about a prompt names, so that line 7 of a long file is found at once."""
+    out: dict[str, int] = {}
+    for n, line in enumerate(Path(path).expanduser().read_text().splitlines(), 1):
+        if line.strip() and not line.lstrip().startswith("#"):
+            out.setdefault(line.strip(), n)
+    return out

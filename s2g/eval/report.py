@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from . import stats
-from .harness import Item, reference_renders
+from .harness import Item, _half_sample_ok, reference_renders
 from .kinds import kind_of
 
 TABLE_METRICS = ("all", "count", "color", "shape", "relation", "relation_given_found", "flipped_given_found")
@@ -135,8 +135,8 @@ def paired(a: dict, b: dict, n_boot: int = 2000, level: float = 0.95, seed: int 
                                       seed=seed).as_dict()
         d["mean"] = diff(fa, fb, ref)
         out["frechet"] = d
-        if len(set(clusters.tolist())) >= 4:
-            k = int(a["metrics"]["fidelity"].get("k", 3))
+        k = int(a["metrics"]["fidelity"].get("k", 3))
+        if _half_sample_ok(clusters, k):
             pr_diff = lambda x, y, r: np.subtract(stats.precision_recall(r, x, k=k),  # noqa: E731
                                                   stats.precision_recall(r, y, k=k))
             dp, dr = stats.half_sample_interval(pr_diff, fa, fb, ref, clusters=clusters, level=level,

@@ -90,6 +90,11 @@ class TinyTextEncoder(nn.Module):
     def encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         return self(self.tokenize(list(prompts)))
 
+    def check(self, prompts: list[str]) -> None:
+        """ValueError for the first prompt with a word outside the vocabulary (or too long), without encoding:
+        what a run checks of every prompt before its first sampling step."""
+        self.tokenize(list(prompts))
+
     # The vocabulary and sizes travel in the safetensors header next to the weights.
     def metadata(self) -> dict[str, str]:
         return {"tiny_text.vocab": json.dumps(self.words), "tiny_text.config": json.dumps(self.config)}
