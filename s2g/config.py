@@ -149,3 +149,24 @@ def check_config_choices(config_dir, config_name: str, argv=None) -> None:
             if value is None or not isinstance(value, str) or value in available:
                 continue
             fail(f"{group}={value}: no such config in configs/{group}/; available: {', '.join(available)}")
+
+
+def check_run_dir_unused(argv=None, subdir: str = ".hydra") -> None:
+    """`fail` when the command line's `hydra.run.dir=<dir>` already holds a run's Hydra files (`<dir>/<subdir>`):
+    Hydra would write its config.yaml and overrides.yaml over the first run's before the task starts, so the
+    check must come before the `@hydra.main` function, as `check_config_choices`. A multirun, or a dir given by
+    an interpolation, is left alone (its dirs are made per job)."""
+    from pathlib import Path
+
+    from .cli import fail
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-m", "--multirun") for a in args):
+        return
+    dirs = [a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")]
+    if not dirs or "${" in dirs[-1]:
+        return
+    held = Path(dirs[-1].strip("'\"")).expanduser() / subdir
+    if held.exists():
+        fail(f"{held.parent} already holds a run ({subdir}/); outputs are never overwritten (choose another "
+             f"hydra.run.dir)")

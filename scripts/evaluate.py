@@ -60,12 +60,10 @@ OmegaConf.register_new_resolver("s2g_test_set", _test_set, use_cache=True, repla
 
 @hydra.main(config_path="../configs", config_name="evaluate", version_base=None)
 def main(cfg: DictConfig) -> None:
-    from s2g.eval import report
-
-    from s2g.eval.run import remove_unstarted
-
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    with cli.user_errors(cleanup=lambda: remove_unstarted(run_dir)):  # a run dir made for a run that never started
+    with cli.user_errors(cleanup=lambda: _remove_unstarted(run_dir)):  # a run dir made for a run that never started
+        if cfg.gather is not None or cfg.pair is not None:
+            from s2g.eval import report
         if cfg.gather is not None:
             report.gather(Path(cfg.gather), baseline=cfg.baseline)
         elif cfg.pair is not None:
@@ -103,6 +101,7 @@ _TOTAL: dict = {}  # the run's item count, for the interrupt message
 
 def run(cfg: DictConfig, run_dir: Path) -> None:
     """The config as library arguments: a pipeline, a guider factory, (prompt, seed) items; then the run dir."""
+    cli.check_counts(cfg, ("batch_size", "steps", "num_prompts"))  # first: before torch loads (seconds)
     from s2g.config import apply_guidance_defaults, build_model, guider_factory, instantiate, model_kind
     from s2g.eval import work_items
     from s2g.eval.kinds import kind_named
@@ -114,7 +113,6 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
     if applied:  # recorded in run.json's command, so that the command alone reproduces the run
         print(f"{name}: the model config's guidance_defaults {applied} (override with guidance.<key>=...)")
         overrides += [f"guidance.{k}={v}" for k, v in applied.items()]
-    cli.check_counts(cfg, ("batch_size", "steps", "num_prompts"))
     seeds = list(cfg.seeds) if OmegaConf.is_list(cfg.seeds) else [cfg.seeds]
     kind = kind_named(model_kind(cfg.model))  # images or clips: which prompt sets, evaluator and summary
     items = work_items(kind.prompt_set(str(cfg.prompts), cfg.num_prompts), seeds)
@@ -146,6 +144,15 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
             logged["clips"] = wandb.Video(str(run_dir / "samples.gif"))
         logger.log(logged)
         logger.finish()
+
+
+def _remove_unstarted(run_dir: Path) -> None:
+    if not (run_dir / "partial").exists():  # s2g.eval.run.PARTIAL; importing it loads torch (seconds)
+        _remove_if_empty(run_dir)
+        return
+    from s2g.eval.run import remove_unstarted
+
+    remove_unstarted(run_dir)
 
 
 def _remove_if_empty(path: Path) -> None:

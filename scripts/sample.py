@@ -69,6 +69,8 @@ def _parse(value: str):
 
 
 def run(cfg: DictConfig, out_dir: Path) -> Path:
+    _check_prompts(cfg)  # first: before torch loads (seconds)
+    cli.check_counts(cfg, ("batch_size", "samples_per_prompt", "upscale", "steps"))
     import torch
 
     from s2g.config import build_model
@@ -76,8 +78,6 @@ def run(cfg: DictConfig, out_dir: Path) -> Path:
     from s2g.video import TextToVideo
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    _check_prompts(cfg)
-    cli.check_counts(cfg, ("batch_size", "samples_per_prompt", "upscale", "steps"))
     out_path = out_dir / cfg.output
     if out_path.exists():
         raise FileExistsError(f"{out_path} exists; outputs are never overwritten (choose output=...)")
@@ -262,7 +262,8 @@ def _remove_if_unused(out_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    from s2g.config import check_config_choices
+    from s2g.config import check_config_choices, check_run_dir_unused
 
     check_config_choices(Path(__file__).resolve().parent.parent / "configs", "config")  # before Hydra composes
+    check_run_dir_unused()  # before Hydra writes .hydra/ over an earlier run's
     main()

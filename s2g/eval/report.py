@@ -220,13 +220,21 @@ def _dropped(a: dict, b: dict) -> str | None:
 
 def gather(sweep: Path, baseline: str | None = None) -> list[dict]:
     """Every finished run under `sweep` -> summary.csv, summary.md and summary.png (adherence against Fréchet
-    distance, one point per run, with intervals), plus paired differences to `baseline` if given."""
+    distance, one point per run, with intervals), plus paired differences to `baseline` if given. Never
+    overwrites: with a baseline, beside an existing summary the files are summary_vs_<baseline>.*; files already
+    there are refused, naming them and what would write elsewhere."""
     sweep = Path(sweep)
     if not sweep.is_dir():
         raise FileNotFoundError(f"gather: not a directory: {sweep}")
-    outs = [sweep / n for n in ("summary.csv", "summary.md", "summary.png")]
-    if any(p.exists() for p in outs):
-        raise FileExistsError(f"{sweep} already holds a summary; outputs are never overwritten")
+    names = lambda stem: [sweep / f"{stem}{ext}" for ext in (".csv", ".md", ".png")]  # noqa: E731
+    outs = names("summary")
+    if baseline is not None and any(p.exists() for p in outs):
+        outs = names(f"summary_vs_{Path(str(baseline)).name}")
+    held = [p.name for p in outs if p.exists()]
+    if held:
+        other = ("gather with baseline=<run> writes summary_vs_<run>.* beside them" if baseline is None else
+                 "remove them to gather against this baseline again")
+        raise FileExistsError(f"{sweep} already holds {', '.join(held)}; outputs are never overwritten ({other})")
     runs = sorted(p.parent for p in sweep.glob("*/metrics.json"))
     if not runs:
         raise FileNotFoundError(f"gather: no runs with metrics.json under {sweep}")
