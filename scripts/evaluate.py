@@ -15,6 +15,10 @@ prompt sets (video_test | video_val) with the video evaluator's dimensions and t
 per_clip.csv instead of per_image.csv, samples.gif beside samples.png (s2g/eval/README_video.md). Under torchrun
 every rank generates its share of the (prompt, seed) pairs, rank 0 gathers them and computes the metrics once: the
 same numbers as one process.
+
+While it runs, every finished batch is saved under <run dir>/partial/ (atomically). A stopped run (Ctrl-C, a killed
+rank) resumes when the same command runs into the same dir (Ctrl-C prints that command, with its hydra.run.dir); a
+dir whose saved settings differ is refused, naming the first key that differs. Bad input: tests/README.md.
 """
 from __future__ import annotations
 

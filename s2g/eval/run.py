@@ -3,7 +3,10 @@
 is report.py.
 
 Layout of a run dir: metrics.json, per_image.csv (clips: per_clip.csv), features.safetensors, samples.png (clips:
-also samples.gif), config.yaml, run.json (+ images/ when samples are saved). report.py reads only those files.
+also samples.gif), config.yaml, run.json (+ images/ when samples are saved); metrics.json is written last, so a
+dir holding it is a finished run. While the run goes on, partial/ holds its settings and every finished batch
+(`open_run_dir`, the `work_dir` of `evaluate`); it is removed once the run's files are written. report.py reads
+only those files.
 What differs between images and clips is one object per kind (kinds.py).
 """
 from __future__ import annotations
