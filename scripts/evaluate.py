@@ -105,8 +105,11 @@ _TOTAL: dict = {}  # the run's item count, for the interrupt message
 
 def run(cfg: DictConfig, run_dir: Path) -> None:
     """The config as library arguments: a pipeline, a guider factory, (prompt, seed) items; then the run dir."""
+    from s2g.config import (apply_guidance_defaults, build_model, check_mandatory, guider_factory, instantiate,
+                            model_kind)
+
     cli.check_counts(cfg, ("batch_size", "steps", "num_prompts"))  # first: before torch loads (seconds)
-    from s2g.config import apply_guidance_defaults, build_model, guider_factory, instantiate, model_kind
+    check_mandatory(cfg.model, "model")
     from s2g.eval import work_items
     from s2g.eval.kinds import kind_named
     from s2g.eval.run import PARTIAL, evaluate, open_run_dir, write_run

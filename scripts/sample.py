@@ -69,8 +69,11 @@ def _parse(value: str):
 
 
 def run(cfg: DictConfig, out_dir: Path) -> Path:
+    from s2g.config import check_mandatory
+
     _check_prompts(cfg)  # first: before torch loads (seconds)
     cli.check_counts(cfg, ("batch_size", "samples_per_prompt", "upscale", "steps"))
+    check_mandatory(cfg.model, "model")
     import torch
 
     from s2g.config import build_model

@@ -370,8 +370,8 @@ def evaluate(pipe, make_guider, items, *, batch_size: int = 32, steps: int = 28,
         done = {k: r for k, r in done.items() if _sample_path(kind, images_dir, items[k]).exists()}
         clash = [p for it in items if it.index not in done and (p := _sample_path(kind, images_dir, it)).exists()]
         if clash:
-            raise FileExistsError(f"{clash[0]} exists (and {len(clash) - 1} more of this run's sample files); "
-                                  f"outputs are never overwritten (choose another run dir)")
+            more = f" (and {len(clash) - 1} more of this run's sample files)" if len(clash) > 1 else ""
+            raise FileExistsError(f"{clash[0]} exists{more}; outputs are never overwritten (choose another run dir)")
     if scene:
         evaluator = kind.load_evaluator(evaluator, int(min_area))
         if fidelity_skipped:
