@@ -155,7 +155,7 @@ def check_run_dir_unused(argv=None, subdir: str = ".hydra") -> None:
     """`fail` when the command line's `hydra.run.dir=<dir>` already holds a run's Hydra files (`<dir>/<subdir>`):
     Hydra would write its config.yaml and overrides.yaml over the first run's before the task starts, so the
     check must come before the `@hydra.main` function, as `check_config_choices`. A multirun, or a dir given by
-    an interpolation, is left alone (its dirs are made per job)."""
+    an interpolation, is left alone (its dirs are made per job); `hydra.output_subdir=<name>` is followed."""
     from pathlib import Path
 
     from .cli import fail
@@ -164,7 +164,10 @@ def check_run_dir_unused(argv=None, subdir: str = ".hydra") -> None:
     if any(a in ("-m", "--multirun") for a in args):
         return
     dirs = [a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")]
-    if not dirs or "${" in dirs[-1]:
+    subdirs = [a.split("=", 1)[1] for a in args if a.startswith("hydra.output_subdir=")]
+    if subdirs:
+        subdir = subdirs[-1].strip("'\"")
+    if not dirs or "${" in dirs[-1] or subdir in ("null", "None", ""):  # output_subdir=null: Hydra writes none
         return
     held = Path(dirs[-1].strip("'\"")).expanduser() / subdir
     if held.exists():

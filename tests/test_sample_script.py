@@ -115,7 +115,7 @@ def test_tiny_video_writes_an_animated_grid_and_a_frame_strip(tmp_path, tiny_vid
     # never overwritten: the same dir again fails before sampling and leaves both files alone
     before = {f: (out / f).read_bytes() for f in ("samples.gif", "samples.png", "run.json")}
     (out / "samples.png").rename(out / "kept.png")  # the GIF alone is enough to refuse
-    p2, _ = run(tmp_path, "v", *model, "steps=1")
+    p2, _ = run(tmp_path, "v", *model, "steps=1", "hydra.output_subdir=null")  # .hydra/ alone would refuse it
     assert p2.returncode == 2 and "samples.gif exists" in p2.stderr and "never overwritten" in p2.stderr
     (out / "kept.png").rename(out / "samples.png")
     assert {f: (out / f).read_bytes() for f in before} == before
