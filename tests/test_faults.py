@@ -228,12 +228,12 @@ def test_padding_is_bounded_by_the_run_and_images_do_not_depend_on_it(tiny_pipe)
 def test_a_batch_that_would_not_fit_in_memory_is_refused_with_an_estimate(tiny_pipe):
     from s2g.eval.run import call_memory, check_call_memory
 
-    one = call_memory(tiny_pipe, 1, 1)  # 64 tokens x (6 x 96 + 2 x 384) + 3 heads x 64^2, in float32
-    assert one == (64 * (6 * 96 + 2 * 384) + 3 * 64 ** 2) * 4 and call_memory(tiny_pipe, 10, 3) == 30 * one
+    one = call_memory(tiny_pipe, 1, 1)  # 64 tokens x (6 x 96 + 2 x 384) values, in float32
+    assert one == 64 * (6 * 96 + 2 * 384) * 4 and call_memory(tiny_pipe, 10, 3) == 30 * one
     check_call_memory(tiny_pipe, 1000, 3, 4096, available=3000 * one)  # fits: nothing said
     with pytest.raises(ValueError, match=r"^batch_size=4096: a sampling call of 1000 rows x 3 passes needs about "
-                                         r"1\.1 GiB of activations \(a rough estimate from the model config\), "
-                                         r"more than the 0\.4 GiB available; use batch_size=333 or less$"):
+                                         r"1\.0 GiB of activations \(a rough estimate from the model config\), "
+                                         r"more than the 0\.3 GiB available; use batch_size=333 or less$"):
         check_call_memory(tiny_pipe, 1000, 3, 4096, available=1000 * one)
 
 

@@ -228,13 +228,13 @@ def call_memory(pipe, rows: int, passes: int) -> int | None:
     """A rough estimate, in bytes, of the activations one sampling call of `rows` rows keeps live at once, each
     row run `passes` times (cond, uncond, sub-networks travel together through the block sweep): per row and
     pass, one transformer block's tensors, tokens·(6·width + 2·mlp width) values (q, k, v, attention output,
-    residual, the MLP's hidden layer and its activation) plus heads·tokens² attention scores, at the weights'
-    element size. None when the denoiser does not say its width (nothing is refused then)."""
+    residual, the MLP's hidden layer and its activation), at the weights' element size. No tokens² scores: the
+    networks attend through torch's scaled_dot_product_attention, whose fused kernels never hold them, so a
+    batch that fits is not refused. None when the denoiser does not say its width (nothing is refused then)."""
     cfg = _denoiser_config(pipe.denoiser)
     width = getattr(cfg, "hidden", None) or getattr(cfg, "dim", None)
-    heads = getattr(cfg, "heads", None) or getattr(cfg, "num_heads", None)
     patch = getattr(cfg, "patch", None) or getattr(cfg, "patch_size", None)
-    if not (width and heads and patch):
+    if not (width and patch):
         return None
     mlp = getattr(cfg, "ffn_dim", None) or int(width * getattr(cfg, "mlp_ratio", 4.0))
     spatial = tuple(pipe.latent_shape[1:])
@@ -244,7 +244,7 @@ def call_memory(pipe, rows: int, passes: int) -> int | None:
         size = next(pipe.denoiser.parameters()).element_size()
     except (AttributeError, StopIteration):
         size = 4
-    return int(rows) * int(passes) * (tokens * (6 * width + 2 * mlp) + heads * tokens ** 2) * size
+    return int(rows) * int(passes) * tokens * (6 * width + 2 * mlp) * size
 
 
 def available_memory(pipe) -> int | None:
