@@ -7,6 +7,14 @@ Trained here by scripts/train_tiny_video.py on the clips of s2g.data.clips; the 
 `model.diffusion_model.` (Wan's own parameter names), the text encoder under `text_encoders.tiny.`, and the training
 record in its header (frames, size, what the network predicts, the head count, which the tensors do not say).
 Prompts must follow the clip grammar (`parse_video_prompt`): every prompt is checked before any sampling.
+
+The network reads one channel more than it makes: each frame's time, a constant plane from -1 (first frame) to +1
+(last), concatenated to the RGB input (`TimeChannel`), as Wan's image-to-video model concatenates mask channels
+that mark the given frame. Wan's attention knows positions only relative to each other (3-D RoPE), and from
+noise alone (high σ, where a motion word has to act) a token cannot tell whether it is early or late in the
+clip: the mean clip of "moving left" drifts left with time, which a model that is the same at every frame cannot
+draw. Trained without it, the model learned each motion's axis and moving vs still, never its sign
+(experiments/tiny_video/README.md).
 """
 from __future__ import annotations
 
@@ -42,6 +50,43 @@ class GrammarTextEncoder(torch.nn.Module):
         return {"context": self.text.encode(list(prompts))["context"]}
 
 
+class TimeChannel(torch.nn.Module):
+    """The network `net` over [B, C, F, H, W] clips with each frame's time appended as channel C + 1: a plane of
+    2t/(F-1) - 1 for frame t. Skipped blocks, `num_blocks` and `forward_shared` pass through, so every guider
+    works unchanged (stacked inputs get the same plane)."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    @property
+    def num_blocks(self) -> int:
+        return self.net.num_blocks
+
+    @property
+    def config(self):
+        return self.net.config
+
+    @property
+    def blocks(self):
+        return self.net.blocks
+
+    @staticmethod
+    def with_time(x: torch.Tensor) -> torch.Tensor:
+        B, _, F, H, W = x.shape
+        t = torch.linspace(-1, 1, F, dtype=x.dtype, device=x.device) if F > 1 else x.new_zeros(1)
+        return torch.cat([x, t.view(1, 1, F, 1, 1).expand(B, 1, F, H, W)], 1)
+
+    def compile(self, **kwargs) -> None:
+        self.net.compile(**kwargs)
+
+    def forward(self, x, sigma, *cond, skip=None, **named):
+        return self.net(self.with_time(x), sigma, *cond, skip=skip, **named)
+
+    def forward_shared(self, x, sigma, *cond, skips, inputs=None, **named):
+        return self.net.forward_shared(self.with_time(x), sigma, *cond, skips=skips, inputs=inputs, **named)
+
+
 def _dit(path: Path, dtype: torch.dtype):
     meta = _metadata(path)
     if meta.get("format") != "s2g-tiny-video":
@@ -49,6 +94,8 @@ def _dit(path: Path, dtype: torch.dtype):
                          f"an image model goes with model=tiny")
     state = {k: v for k, v in load_state_dict(path).items() if not k.startswith(TEXT_PREFIX)}
     net = load_wan(state, dtype=dtype, heads=int(meta["num_heads"]), text_len=None)
+    if meta.get("time_channel") == "ramp":
+        net = TimeChannel(net)
     if meta.get("prediction", "velocity") == "x0":
         net = XPrediction(net)
     return net, meta

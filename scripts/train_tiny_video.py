@@ -7,7 +7,8 @@
 Clips (s2g.data.clips: 8 frames of 32x32, moving shapes with exact motion) are drawn on the fly from (seed, step),
 and the noise too, so a resumed run sees exactly the batches the uninterrupted one would have. The network is
 the real `WanDiT` (3-D RoPE self-attention, cross-attention to text, modulation) at a tiny size, on pixels: a
-2x4x4 patch turns a clip into 256 tokens of 96 values, the image model's 4x4 patch over two frames. Pixel space
+2x4x4 patch turns a clip into 256 tokens of 96 values, the image model's 4x4 patch over two frames (with
+`model.time_channel`, each frame's time as a fourth input channel: s2g.tiny_video.TimeChannel says why). Pixel space
 because a latent would need a video VAE trained here first, on the same scarce CPU hours, and its errors would
 mix with the DiT's in every measurement; the patch embedding does the compression a VAE would.
 
@@ -36,6 +37,7 @@ from s2g.data.clips import WORDS, clip_for_prompt, random_video_prompts, render_
 from s2g.models.tiny_text import TinyTextEncoder
 from s2g.models.wan import WanDiT
 from s2g.tiny import load_tiny_text
+from s2g.tiny_video import TimeChannel
 from s2g.training import (ema_decay_at, ema_update, load_train_state, lr_at, rf_loss, save_train_state,
                           save_weights)
 
@@ -45,9 +47,15 @@ PROBE_PROMPTS = {"left": "a red circle moving left", "right": "a red circle movi
 
 
 def build_dit(m, text: TinyTextEncoder) -> WanDiT:
-    return WanDiT(dim=m.dim, num_layers=m.num_layers, num_heads=m.num_heads, ffn_dim=m.ffn_dim, in_dim=3,
+    return WanDiT(dim=m.dim, num_layers=m.num_layers, num_heads=m.num_heads, ffn_dim=m.ffn_dim,
+                  in_dim=4 if m.get("time_channel") else 3,
                   out_dim=3, text_dim=text.config["dim"], freq_dim=m.freq_dim, patch_size=tuple(m.patch_size),
                   text_len=None)
+
+
+def network(dit: WanDiT):
+    """What the loss and the probe call: the DiT, with each frame's time appended when it reads 4 channels."""
+    return TimeChannel(dit) if dit.config.in_dim == 4 else dit
 
 
 def build(cfg: DictConfig) -> tuple[WanDiT, TinyTextEncoder, bool]:
@@ -86,7 +94,7 @@ def probe(dit: WanDiT, text: TinyTextEncoder, cfg: DictConfig, sigma: float = 0.
     out = {}
     for name, prompt in PROBE_PROMPTS.items():
         ctx = text.encode([prompt] * n)["context"]
-        x0 = dit(sigma * eps, torch.full((n,), sigma), ctx).clamp(-1, 1) * 0.5 + 0.5  # [n, 3, F, H, W]
+        x0 = network(dit)(sigma * eps, torch.full((n,), sigma), ctx).clamp(-1, 1) * 0.5 + 0.5  # [n, 3, F, H, W]
         w = (x0.amax(1) - 0.25).clamp(min=0)  # foreground weight [n, F, H, W]: background is black
         coords = torch.arange(S, dtype=torch.float32)
         mass = w.sum((-1, -2)).clamp(min=1e-6)
@@ -109,6 +117,7 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
     meta = {"format": "s2g-tiny-video", "family": "wan", "stage": cfg.stage, "prediction": cfg.prediction,
             "num_frames": str(cfg.num_frames), "frame_size": str(cfg.frame_size),
             "num_heads": str(dit.config.num_heads),  # not in the tensors: load_wan needs it
+            **({"time_channel": "ramp"} if dit.config.in_dim == 4 else {}),  # s2g.tiny_video.TimeChannel
             "command": " ".join(["python", "scripts/train_tiny_video.py", *sys.argv[1:]]),
             "config": json.dumps(OmegaConf.to_container(cfg, resolve=True)),
             "machine": f"{platform.machine()} torch {torch.__version__} threads {cfg.threads}"}
@@ -133,8 +142,10 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
             (out_dir / "exports").mkdir(exist_ok=True)
             save_weights(out_dir / "exports" / f"{name}_{step:06d}.safetensors", parts, m, dtype)
 
+    net = network(dit)
+
     def predict(x, sigma, prompts):
-        return dit(x, sigma, text.encode(prompts)["context"])
+        return net(x, sigma, text.encode(prompts)["context"])
 
     dit.train(), text.train(train_text)
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"train {name}", mininterval=10)

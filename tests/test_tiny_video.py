@@ -26,7 +26,8 @@ def _train_module():
 def _cfg(**over):
     cfg = OmegaConf.load(ROOT / "configs" / "train_tiny_video.yaml")
     cfg.pop("hydra")
-    cfg.model = {"dim": 32, "num_layers": 2, "num_heads": 1, "ffn_dim": 64, "freq_dim": 32, "patch_size": [2, 4, 4]}
+    cfg.model = {"dim": 32, "num_layers": 2, "num_heads": 1, "ffn_dim": 64, "freq_dim": 32, "patch_size": [2, 4, 4],
+                 "time_channel": True}
     cfg.text = {"dim": 16, "depth": 1, "heads": 1, "max_len": 16, "pooled_dim": 16}
     cfg.num_frames, cfg.frame_size, cfg.batch_size, cfg.warmup, cfg.lr = 4, 16, 4, 1, 2e-3
     cfg.probe_every, cfg.threads = 0, 1
@@ -87,6 +88,8 @@ def test_probe_reads_motion_of_rendered_clips():
     from s2g.data.clips import render_prompts
 
     class Oracle(torch.nn.Module):  # returns the rendered clip of the prompt, whatever the input
+        config = OmegaConf.create({"in_dim": 3})  # RGB only: the probe calls it as it is
+
         def forward(self, x, sigma, ctx):
             return self.clip.expand(x.shape[0], -1, -1, -1, -1)
 
@@ -151,3 +154,39 @@ def test_video_grid_and_gif_round_trip(tmp_path):
     assert err.mean() < 0.01 and err.max() < 0.1, (err.mean(), err.max())  # GIF's 256-colour palette
     with pytest.raises(FileExistsError):
         save_gif(frames, path)
+
+
+def test_time_channel_is_each_frames_time_and_the_conversion_keeps_the_function(tmp_path):
+    """TimeChannel appends 2t/(F-1) - 1 per frame; a state trained without it, given the channel by
+    experiments/tiny_video/add_time_channel.py, computes exactly what it did and resumes training."""
+    from s2g.tiny_video import TimeChannel
+
+    x = torch.zeros(2, 3, 4, 8, 8)
+    t = TimeChannel.with_time(x)[:, 3]
+    assert t.shape == (2, 4, 8, 8) and torch.allclose(t[1, :, 5, 2], torch.tensor([-1, -1 / 3, 1 / 3, 1]), atol=1e-7)
+    tt = _train_module()
+    for d in "ac":
+        (tmp_path / d).mkdir()
+    tt.train(_cfg(steps=2, checkpoint_every=2, export_every=0, **{"model.time_channel": False}), tmp_path / "a")
+    spec = importlib.util.spec_from_file_location("atc", ROOT / "experiments" / "tiny_video" / "add_time_channel.py")
+    atc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(atc)
+    assert atc.add_time_channel(tmp_path / "a" / "train_state.safetensors", tmp_path / "b.safetensors") == 2
+    with pytest.raises(FileExistsError):
+        atc.add_time_channel(tmp_path / "a" / "train_state.safetensors", tmp_path / "b.safetensors")
+    old, new = (tt.build(_cfg(**{"model.time_channel": flag}))[0] for flag in (False, True))
+    old.load_state_dict({k[4:]: v for k, v in load_file(str(tmp_path / "a" / "train_state.safetensors")).items()
+                         if k.startswith("dit.")})
+    new.load_state_dict({k[4:]: v for k, v in load_file(str(tmp_path / "b.safetensors")).items()
+                         if k.startswith("dit.")})
+    assert new.config.in_dim == 4 and isinstance(tt.network(new), TimeChannel)
+    x, ctx = torch.randn(2, 3, 4, 16, 16), torch.randn(2, 5, 16)
+    assert torch.equal(tt.network(new)(x, torch.tensor([0.3, 0.9]), ctx), old(x, torch.tensor([0.3, 0.9]), ctx))
+    tt.train(_cfg(steps=3, checkpoint_every=100, export_every=0, resume=str(tmp_path / "b.safetensors")),
+             tmp_path / "c")
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "c" / "tiny_video.safetensors"), "pt") as f:
+        assert f.metadata()["time_channel"] == "ramp"
+        assert f.get_slice("model.diffusion_model.patch_embedding.weight").get_shape()[1] == 4
+    pipe = load_tiny_video(tmp_path / "c" / "tiny_video.safetensors", weak_checkpoint=None)
+    assert isinstance(pipe.denoiser.net, TimeChannel)
