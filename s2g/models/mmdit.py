@@ -303,7 +303,12 @@ class MMDiT(nn.Module):
 
     def initialize_weights(self):
         """DiT-style init for training from scratch (the embedded tiny model): xavier linears, sin-cos positions,
-        zeroed adaLN and output so that every block starts as the identity. Free on the meta device."""
+        zeroed adaLN and output so that every block starts as the identity. Skipped on the meta device, where a
+        checkpoint's tensors replace every one (`checkpoint.build_with_weights`): there nn.init.normal_ would only
+        cost the first call's import of torch._dynamo (2 s measured here)."""
+        if self.pos_embed.is_meta:
+            return
+
         def xavier(m):
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)

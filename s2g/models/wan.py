@@ -244,7 +244,11 @@ class WanDiT(nn.Module):
 
     def initialize_weights(self):
         """Wan's init_weights: xavier linears with zero bias, xavier patch embedding, N(0, 0.02) text and time
-        embeddings, zero output projection weight (modulation tables keep their randn / sqrt(dim))."""
+        embeddings, zero output projection weight (modulation tables keep their randn / sqrt(dim)). Skipped on the
+        meta device, where a checkpoint's tensors replace every one: nn.init.normal_ would only cost the import of
+        torch._dynamo it triggers (2 s measured here)."""
+        if self.head.head.weight.is_meta:
+            return
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
