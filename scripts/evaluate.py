@@ -84,6 +84,7 @@ def main(cfg: DictConfig) -> None:
 
 def _interrupted(run_dir: Path) -> None:
     """Ctrl-C: where the run stopped and the command that resumes it, one line on stderr (rank 0), exit 130."""
+    import shlex
     import sys
 
     from s2g.eval.run import PARTIAL, finished_items
@@ -95,7 +96,7 @@ def _interrupted(run_dir: Path) -> None:
         world = os.environ.get("WORLD_SIZE")
         launcher = f"torchrun --nproc_per_node={world}" if world else "python"
         print(f"\ninterrupted: {finished_items(run_dir)} of {_TOTAL.get('items', '?')} items finished and saved in "
-              f"{run_dir / PARTIAL}; to resume, run: {launcher} scripts/evaluate.py {' '.join(args)}",
+              f"{run_dir / PARTIAL}; to resume, run: {launcher} scripts/evaluate.py {shlex.join(args)}",
               file=sys.stderr)
     sys.exit(130)
 

@@ -298,6 +298,7 @@ def _assert_same(run_dir, reference):
 
 
 def test_sigint_says_where_it_stopped_and_the_same_command_resumes_to_equal_results(uninterrupted):
+    import shlex
     import signal
 
     run_dir = uninterrupted.parent / "1_resumed"
@@ -310,7 +311,7 @@ def test_sigint_says_where_it_stopped_and_the_same_command_resumes_to_equal_resu
     (line,) = lines
     done, total = line.split("interrupted: ")[1].split(" items")[0].split(" of ")
     assert 1 <= int(done) < int(total) == 12 and f"saved in {run_dir / 'partial'}" in line
-    command = line.split("to resume, run: ")[1].split()
+    command = shlex.split(line.split("to resume, run: ")[1])  # quoted for a shell: seeds=[0,1] as one word
     assert command[:2] == ["python", "scripts/evaluate.py"] and f"hydra.run.dir={run_dir}" in command
 
     from omegaconf import OmegaConf
