@@ -1,5 +1,7 @@
-"""Bad input and faults at the entry points (scripts/sample.py, scripts/evaluate.py): each is one line on stderr,
-exit code 2, and no run dir left behind. Subprocesses; none of these samples more than a step."""
+"""Bad input and faults at the entry points (scripts/sample.py, scripts/evaluate.py): each bad input is one line on
+stderr, exit code 2, before any sampling, and no run dir left behind; nothing is overwritten; an interrupted
+evaluation (SIGINT, a SIGKILLed torchrun rank) resumes to the results of an uninterrupted one. Mostly subprocesses
+on the embedded tiny model at a few steps; the table of rows is tests/README.md."""
 import os
 import subprocess
 import sys
