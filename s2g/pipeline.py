@@ -86,14 +86,9 @@ class TextToImage:
 # ------------------------------------------------------------------------------------------ x̂0-predicting networks
 
 
-class XPrediction(torch.nn.Module):
-    """A network that outputs x̂0, seen through the Denoiser seam as a velocity: v = (x - x̂0)/σ.
-
-    The embedded pixel-space models are trained this way (scripts/train_tiny.py, `prediction: x0`; their loaders
-    are s2g/tiny.py and s2g/tiny_video.py); a checkpoint says so in its header. Skipped blocks, `num_blocks` and `forward_shared` pass through, so every guider
-    (S², SLG) works unchanged. σ = 0 is never evaluated by the samplers (the last step lands on x̂0).
-    The conditioning passes through as given (MMDiT: context, pooled; Wan: context), so one wrapper serves
-    every family."""
+class Wrapped(torch.nn.Module):
+    """A module around a DiT that keeps its seams: `num_blocks`, `config`, `blocks` and its own compilation pass
+    through, so guiders that skip or perturb blocks see the network inside (XPrediction, tiny_video.TimeChannel)."""
 
     def __init__(self, net: torch.nn.Module):
         super().__init__()
@@ -107,13 +102,27 @@ class XPrediction(torch.nn.Module):
     def config(self):
         return self.net.config
 
+    @property
+    def blocks(self):
+        return self.net.blocks
+
+    def compile(self, **kwargs) -> None:
+        self.net.compile(**kwargs)  # the network's own (regional) compilation
+
+
+class XPrediction(Wrapped):
+    """A network that outputs x̂0, seen through the Denoiser seam as a velocity: v = (x - x̂0)/σ.
+
+    The embedded pixel-space models are trained this way (scripts/train_tiny.py, `prediction: x0`; their loaders
+    are s2g/tiny.py and s2g/tiny_video.py); a checkpoint says so in its header. Skipped blocks, `num_blocks` and `forward_shared` pass through, so every guider
+    (S², SLG) works unchanged. σ = 0 is never evaluated by the samplers (the last step lands on x̂0).
+    The conditioning passes through as given (MMDiT: context, pooled; Wan: context), so one wrapper serves
+    every family."""
+
     @staticmethod
     def _velocity(x, sigma, x0):
         s = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1, *([1] * (x.ndim - 1)))
         return (x - x0) / s
-
-    def compile(self, **kwargs) -> None:
-        self.net.compile(**kwargs)  # the network's own (regional) compilation
 
     def forward(self, x, sigma, *cond, skip=None, **named):
         return self._velocity(x, sigma, self.net(x, sigma, *cond, skip=skip, **named))

@@ -26,7 +26,7 @@ from .data.clips import parse_video_prompt
 from .models.checkpoint import load_state_dict, load_wan
 from .models.tiny_text import TinyTextEncoder
 from . import ASSETS
-from .pipeline import XPrediction
+from .pipeline import Wrapped, XPrediction
 from .tiny import TEXT_PREFIX, _metadata
 from .video import TextToVideo, pixel_clips
 
@@ -50,35 +50,16 @@ class GrammarTextEncoder(torch.nn.Module):
         return {"context": self.text.encode(list(prompts))["context"]}
 
 
-class TimeChannel(torch.nn.Module):
+class TimeChannel(Wrapped):
     """The network `net` over [B, C, F, H, W] clips with each frame's time appended as channel C + 1: a plane of
     2t/(F-1) - 1 for frame t. Skipped blocks, `num_blocks` and `forward_shared` pass through, so every guider
     works unchanged (stacked inputs get the same plane)."""
-
-    def __init__(self, net: torch.nn.Module):
-        super().__init__()
-        self.net = net
-
-    @property
-    def num_blocks(self) -> int:
-        return self.net.num_blocks
-
-    @property
-    def config(self):
-        return self.net.config
-
-    @property
-    def blocks(self):
-        return self.net.blocks
 
     @staticmethod
     def with_time(x: torch.Tensor) -> torch.Tensor:
         B, _, F, H, W = x.shape
         t = torch.linspace(-1, 1, F, dtype=x.dtype, device=x.device) if F > 1 else x.new_zeros(1)
         return torch.cat([x, t.view(1, 1, F, 1, 1).expand(B, 1, F, H, W)], 1)
-
-    def compile(self, **kwargs) -> None:
-        self.net.compile(**kwargs)
 
     def forward(self, x, sigma, *cond, skip=None, **named):
         return self.net(self.with_time(x), sigma, *cond, skip=skip, **named)
