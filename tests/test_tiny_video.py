@@ -190,3 +190,36 @@ def test_time_channel_is_each_frames_time_and_the_conversion_keeps_the_function(
         assert f.get_slice("model.diffusion_model.patch_embedding.weight").get_shape()[1] == 4
     pipe = load_tiny_video(tmp_path / "c" / "tiny_video.safetensors", weak_checkpoint=None)
     assert isinstance(pipe.denoiser.net, TimeChannel)
+
+
+def test_separate_words_moves_only_the_two_rows_to_the_distance(tmp_path):
+    """experiments/tiny_video/separate_words.py: the two words' embeddings (weights and EMA) end `distance` apart
+    around their old mean, along their old difference; every other tensor is kept; bad words are refused."""
+    tt = _train_module()
+    (tmp_path / "a").mkdir()
+    tt.train(_cfg(steps=2, checkpoint_every=2, export_every=0), tmp_path / "a")
+    spec = importlib.util.spec_from_file_location("sw", ROOT / "experiments" / "tiny_video" / "separate_words.py")
+    sw = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sw)
+    old_path, new_path = tmp_path / "a" / "train_state.safetensors", tmp_path / "b.safetensors"
+    with pytest.raises(ValueError, match="not a word"):
+        sw.separate_words(old_path, new_path, "left", "sideways", 0.6)
+    step, before, after = sw.separate_words(old_path, new_path, "left", "right", 0.6)
+    assert step == 2 and abs(after - 0.6) < 1e-5 and before < 0.5
+    with pytest.raises(FileExistsError):
+        sw.separate_words(old_path, new_path, "left", "right", 0.6)
+    old, new = load_file(str(old_path)), load_file(str(new_path))
+    from s2g.data.clips import WORDS
+    from s2g.models.tiny_text import SPECIALS
+    i, j = len(SPECIALS) + WORDS.index("left"), len(SPECIALS) + WORDS.index("right")
+    for prefix in ("text", "ema_text"):
+        o, n = old[f"{prefix}.tok_embed.weight"], new[f"{prefix}.tok_embed.weight"]
+        assert torch.allclose((n[i] + n[j]) / 2, (o[i] + o[j]) / 2, atol=1e-6)
+        assert abs((n[i] - n[j]).norm().item() - 0.6) < 1e-5
+        assert torch.cosine_similarity(n[i] - n[j], o[i] - o[j], 0) > 0.9999
+        keep = [r for r in range(o.shape[0]) if r not in (i, j)]
+        assert torch.equal(n[keep], o[keep])
+    assert all(torch.equal(old[k], new[k]) for k in old if "tok_embed" not in k)
+    from safetensors import safe_open
+    with safe_open(str(new_path), "pt") as f:
+        assert "separate_words.py --words left right" in f.metadata()["commands"]

@@ -5,9 +5,9 @@
 
 The first step samples the first `--num-prompts` VAL prompts (seed 0, 28 Euler steps, the harness's noise: the
 clips an evaluation of those items makes) under each guider, scores them with s2g.eval.video, and writes
-- page_<guider>_<k>.png: 10 clips a page, every frame in a row (×3), with the prompt, the evaluator's track
-  reading (counts per frame, each object's displacement and law residual) and its verdicts;
-- readings.csv: the evaluator's verdicts per clip, and judgments.csv: the same rows with empty `eye_*` columns
+- page_<guider>_<k>.png: 10 clips a page, every frame in a row (×3), with the clip number and prompt only
+  (blind: nothing of the evaluator's reading is on the page);
+- readings.csv: the evaluator's verdicts per clip, and judgments.csv: the same clips with empty `eye_*` columns
   for the person (1 / 0; blank = cannot tell), who fills them from the pages, looking at the frames only.
 
 `--agreement` compares the two per dimension (found, direction, dynamic degree, law fit, count stable, all):
@@ -32,7 +32,7 @@ from s2g.guidance import CFG, Conditional  # noqa: E402
 from s2g.tiny_video import TINY_VIDEO_CHECKPOINT, load_tiny_video  # noqa: E402
 
 DIMS = ("found", "direction", "dynamic_degree", "motion_smoothness", "count_stable", "all")
-SCALE, PER_PAGE, LABEL_W = 3, 10, 330
+SCALE, PER_PAGE, LABEL_W = 3, 10, 250
 
 
 def make_guider(spec: str):
@@ -44,21 +44,23 @@ def make_guider(spec: str):
     raise SystemExit(f"error: guider {spec!r}: use none or cfg:<scale>")
 
 
-def page(clips: torch.Tensor, rows: list[dict], start: int, path: Path) -> None:
-    """Rows of clips: a label column (prompt, readings, verdicts), then every frame."""
+def page(clips: torch.Tensor, prompts: list[str], start: int, path: Path) -> None:
+    """Rows of clips: the clip number and prompt, then every frame. Blind: the evaluator's readings stay in
+    readings.csv, so the person judging sees what the evaluator sees and nothing of what it concluded."""
     n, f, _, h, w = clips.shape
     th, tw = h * SCALE, w * SCALE
     canvas = Image.new("RGB", (LABEL_W + f * (tw + 2), n * (th + 4)), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     for i in range(n):
         y = i * (th + 4)
-        r = rows[i]
-        verdict = " ".join(f"{k[:4]}={'-' if r[k] is None else r[k]}" for k in DIMS)
-        lines = [f"#{start + i} {r['prompt']}", f"counts {r['counts']}",
-                 f"disp {r['displacement_px']} px ({r['dynamic']})", f"law res {r['law_residual_px']} px", verdict]
-        for k, text in enumerate(lines):
-            draw.text((2, y + 2 + 12 * k), text[:54], fill=(0, 0, 0) if k < 4 else
-                      ((0, 130, 0) if r["all"] else (200, 0, 0)))
+        words = f"#{start + i} {prompts[i]}".split()
+        lines, line = [], ""
+        for word in words:  # wrap the prompt at ~40 characters
+            if len(line) + len(word) > 40:
+                lines, line = [*lines, line], ""
+            line = f"{line} {word}".strip()
+        for k, text in enumerate([*lines, line]):
+            draw.text((2, y + 2 + 12 * k), text, fill=(0, 0, 0))
         for j in range(f):
             frame = (clips[i, j].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
             canvas.paste(Image.fromarray(frame).resize((tw, th), Image.NEAREST), (LABEL_W + j * (tw + 2), y))
@@ -77,22 +79,27 @@ def sample(out: Path, checkpoint: Path, guiders: list[str], num_prompts: int) ->
         rows = score_clips(clips, [it.prompt for it in items])
         name = spec.replace(":", "")
         for k in range(0, len(items), PER_PAGE):
-            page(clips[k:k + PER_PAGE], rows[k:k + PER_PAGE], k, out / f"page_{name}_{k // PER_PAGE}.png")
+            prompts = [r["prompt"] for r in rows[k:k + PER_PAGE]]
+            page(clips[k:k + PER_PAGE], prompts, k, out / f"page_{name}_{k // PER_PAGE}.png")
         readings += [{"guider": spec, "clip": i, "prompt": r["prompt"], "family": r["family"],
                       **{f"evaluator_{d}": r[d] for d in DIMS}} for i, r in enumerate(rows)]
-    fields = list(readings[0])
-    for path, extra in ((out / "readings.csv", []), (out / "judgments.csv", [f"eye_{d}" for d in DIMS] + ["note"])):
-        with open(path, "w", newline="") as f:
-            wr = csv.DictWriter(f, fields + extra)
-            wr.writeheader()
-            wr.writerows(readings)
+    with open(out / "readings.csv", "w", newline="") as f:
+        wr = csv.DictWriter(f, list(readings[0]))
+        wr.writeheader()
+        wr.writerows(readings)
+    with open(out / "judgments.csv", "w", newline="") as f:  # blind too: no evaluator column
+        wr = csv.DictWriter(f, ["guider", "clip", "prompt", "family", *[f"eye_{d}" for d in DIMS], "note"])
+        wr.writeheader()
+        wr.writerows({k: r[k] for k in ("guider", "clip", "prompt", "family")} for r in readings)
     (out / "run.json").write_text(json.dumps({"checkpoint": str(checkpoint), "guiders": guiders,
                                               "num_prompts": num_prompts, "seeds": [0], "steps": 28}, indent=1))
 
 
 def agreement(out: Path) -> None:
+    with open(out / "readings.csv", newline="") as f:
+        readings = {(r["guider"], r["clip"]): r for r in csv.DictReader(f)}
     with open(out / "judgments.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
+        rows = [{**readings[(r["guider"], r["clip"])], **r} for r in csv.DictReader(f)]
     lines = ["| dimension | clips judged | agreement | evaluator yes, eyes no | evaluator no, eyes yes |",
              "|---|---|---|---|---|"]
     disagree = []
