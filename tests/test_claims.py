@@ -74,7 +74,7 @@ def test_prompt_sets_sampling_and_evaluation_settings_are_the_commands(claims, s
     assert dict(cfg.bootstrap) == BOOTSTRAP and not cfg.extra_metrics and cfg.logger.name == "none"
 
 
-@pytest.mark.parametrize("model", ["tiny", "tiny_early"])
+@pytest.mark.parametrize("model", ["tiny", "tiny_early", "tiny_video", "tiny_video_early"])
 def test_the_model_is_the_commands(claims, model):
     script, _ = build_model(_compose([f"model={model}"]).model)
     ours = claims.load_model(model)

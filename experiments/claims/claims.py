@@ -76,10 +76,11 @@ SETS = {  # prompt set, number of prompts, seeds: `prompts=... num_prompts=... s
 # Hydra configs and checks each against them):
 # model=<name>: the embedded model's loader arguments (configs/model/<name>.yaml);
 MODELS = {"tiny": {}, "tiny_early": {"checkpoint": ASSETS / "tiny_early.safetensors", "weak_checkpoint": None},
-          "tiny_video": {"weak_checkpoint": ASSETS / "tiny_video_weak.safetensors"}}
+          "tiny_video": {"weak_checkpoint": ASSETS / "tiny_video_weak.safetensors"},
+          "tiny_video_early": {"checkpoint": ASSETS / "tiny_video_early.safetensors", "weak_checkpoint": None}}
 LOADERS = {"tiny": "s2g.tiny.load_tiny", "tiny_early": "s2g.tiny.load_tiny",
-           "tiny_video": "s2g.tiny_video.load_tiny_video"}
-VIDEO_MODELS = ("tiny_video",)  # their items read the video sets (video_val, ...) and VIDEO_METHODS
+           "tiny_video": "s2g.tiny_video.load_tiny_video", "tiny_video_early": "s2g.tiny_video.load_tiny_video"}
+VIDEO_MODELS = ("tiny_video", "tiny_video_early")  # their items read the video sets (video_val, ...) and VIDEO_METHODS
 # sampler=euler (configs/sampler/euler.yaml);
 SAMPLING = {"sampler": "euler", "steps": 28, "shift": 3.0}
 # guidance=<group>: the class configs/guidance/<group>.yaml names (`_target_`) and the values where that yaml
@@ -171,7 +172,7 @@ def guidance_defaults(model: str) -> dict:
     """configs/model/<model>.yaml's `guidance_defaults` ({group: {key: value}}; tiny_early inherits tiny's)."""
     import yaml
 
-    name = "tiny" if model == "tiny_early" else model
+    name = {"tiny_early": "tiny", "tiny_video_early": "tiny_video"}.get(model, model)  # the early ones inherit
     return yaml.safe_load((ROOT / "configs" / "model" / f"{name}.yaml").read_text()).get("guidance_defaults") or {}
 
 
@@ -475,7 +476,7 @@ def tune(run: Runner, methods=None) -> dict:
     for name, (group, spec) in run.methods.items():
         if methods and name not in methods:
             continue
-        if name == "autoguidance" and run.model == "tiny_early":
+        if name == "autoguidance" and run.model in ("tiny_early", "tiny_video_early"):
             continue  # no weak model matched to the early checkpoint's text encoder
         scored = []
         for params in grid(spec):

@@ -1,0 +1,8 @@
+python scripts/evaluate.py model=tiny_video prompts=video_val num_prompts=64 seeds=[0] guidance=cfg progress=false guidance.scale=1.5 hydra.run.dir=experiments/claims/runs/tiny_video/video_val/cfg_scale=1.5
+python scripts/evaluate.py model=tiny_video prompts=video_val num_prompts=64 seeds=[0] guidance=cfg progress=false guidance.scale=2 hydra.run.dir=experiments/claims/runs/tiny_video/video_val/cfg_scale=2
+python scripts/evaluate.py model=tiny_video prompts=video_val num_prompts=64 seeds=[0] guidance=cfg progress=false guidance.scale=3 hydra.run.dir=experiments/claims/runs/tiny_video/video_val/cfg_scale=3
+python scripts/evaluate.py model=tiny_video prompts=video_val num_prompts=64 seeds=[0] guidance=cfg progress=false guidance.scale=4 hydra.run.dir=experiments/claims/runs/tiny_video/video_val/cfg_scale=4
+python scripts/evaluate.py model=tiny_video prompts=video_val num_prompts=64 seeds=[0] guidance=cfg progress=false guidance.scale=6 hydra.run.dir=experiments/claims/runs/tiny_video/video_val/cfg_scale=6
+python scripts/evaluate.py model=tiny_video prompts=video_val num_prompts=64 seeds=[0] guidance=cfg progress=false guidance.scale=9 hydra.run.dir=experiments/claims/runs/tiny_video/video_val/cfg_scale=9
+python scripts/evaluate.py model=tiny_video prompts=video_test num_prompts=150 seeds=[0,1,2] guidance=none progress=false hydra.run.dir=experiments/claims/runs/tiny_video/video_test/none
+python scripts/evaluate.py model=tiny_video prompts=video_test num_prompts=150 seeds=[0,1,2] guidance=cfg progress=false guidance.scale=2 hydra.run.dir=experiments/claims/runs/tiny_video/video_test/cfg_scale=2
