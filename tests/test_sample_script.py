@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -105,7 +106,8 @@ def test_tiny_video_writes_an_animated_grid_and_a_frame_strip(tmp_path, tiny_vid
     record = json.loads((out / "run.json").read_text())
     assert record["video"] == "gif" and record["fps"] == 4 and record["samples_per_prompt"] == 3
     assert [Path(f).name for f in record["files"]] == ["samples.gif", "samples.png"]
-    assert "scale=4" in record["guiders"]["s2"]  # configs/model/tiny_video.yaml's own guidance_defaults
+    own = OmegaConf.load(ROOT / "configs" / "model" / "tiny_video.yaml").guidance_defaults.s2.scale
+    assert f"scale={float(own)}" in record["guiders"]["s2"]  # configs/model/tiny_video.yaml's own guidance_defaults
     frames = load_gif(out / "samples.gif")
     # 5 default prompts (rows) x 3 samples (columns) of 16 px tiles x upscale 3, 2 px padding; 4 frames
     assert frames.shape == (4, 3, 5 * (48 + 2) + 2, 3 * (48 + 2) + 2)

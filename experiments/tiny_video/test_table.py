@@ -11,13 +11,14 @@ model, so this runs before it exists (`--no-weak`).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
-import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "claims"))
-import claims  # noqa: E402
+_spec = importlib.util.spec_from_file_location("claims", HERE.parent / "claims" / "claims.py")
+claims = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(claims)
 
 TARGETS = [  # (what, evaluator dimension, family or None = every clip, threshold)
     ("direction correct", "direction", None, 0.90),
