@@ -1,0 +1,6 @@
+python scripts/evaluate.py model=tiny_video prompts=video_val num_prompts=64 seeds=[0] guidance=cfgpp progress=false guidance.scale=0.1 hydra.run.dir=experiments/claims/runs/tiny_video/video_val/cfgpp_scale=0.1
+python scripts/evaluate.py model=tiny_video prompts=video_val num_prompts=64 seeds=[0] guidance=cfgpp progress=false guidance.scale=0.2 hydra.run.dir=experiments/claims/runs/tiny_video/video_val/cfgpp_scale=0.2
+python scripts/evaluate.py model=tiny_video prompts=video_val num_prompts=64 seeds=[0] guidance=cfgpp progress=false guidance.scale=0.4 hydra.run.dir=experiments/claims/runs/tiny_video/video_val/cfgpp_scale=0.4
+python scripts/evaluate.py model=tiny_video prompts=video_val num_prompts=64 seeds=[0] guidance=cfgpp progress=false guidance.scale=0.6 hydra.run.dir=experiments/claims/runs/tiny_video/video_val/cfgpp_scale=0.6
+python scripts/evaluate.py model=tiny_video prompts=video_val num_prompts=64 seeds=[0] guidance=cfgpp progress=false guidance.scale=0.8 hydra.run.dir=experiments/claims/runs/tiny_video/video_val/cfgpp_scale=0.8
+python scripts/evaluate.py model=tiny_video prompts=video_val num_prompts=64 seeds=[0] guidance=cfgpp progress=false guidance.scale=1 hydra.run.dir=experiments/claims/runs/tiny_video/video_val/cfgpp_scale=1
