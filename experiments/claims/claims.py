@@ -115,18 +115,20 @@ METHODS = {
     "naive_s2": ("naive_s2", {"scale": [3, 4, 6], "omega": [0.25, 1], "interval_unit": ["steps"]}),
 }
 # The video model's methods (Table 3 of the paper): STG is skip-layer guidance on the video DiT's blocks over the
-# whole trajectory (the SLG guider, one middle block of 10 or two), CFG-Zero* with Wan's zero-initialised first
-# step (the yaml's zero_init_steps 1).
+# whole trajectory (the SLG guider, the middle block of 10), CFG-Zero* with Wan's zero-initialised first step (the
+# yaml's zero_init_steps 1). CFG's video_val grid put its best at λ 2 (1.5-9 within each other's intervals), below
+# the image grid's range, so the methods whose scale is CFG's λ (APG, STG, S², naive S²) search around 2-4 here;
+# these grids were set from that val result, before any of their runs.
 VIDEO_METHODS = {
     "none": ("none", {}),
     "cfg": ("cfg", {"scale": [1.5, 2, 3, 4, 6, 9]}),
     "cfgpp": ("cfgpp", {"scale": [0.1, 0.2, 0.4, 0.6, 0.8, 1.0]}),
-    "apg": ("apg", {"scale": [3, 5, 7.5, 10, 15, 20]}),
+    "apg": ("apg", {"scale": [1.5, 2, 3, 4, 6, 9]}),
     "cfg_zero_star": ("cfg_zero_star", {"scale": [1.5, 2, 3, 4, 6, 9]}),
-    "stg": ("slg", {"scale": [3, 4, 6], "skip_scale": [1, 2], "layers": [[5]], "start": [0.0], "stop": [1.0]}),
+    "stg": ("slg", {"scale": [2, 3, 4], "skip_scale": [1, 2], "layers": [[5]], "start": [0.0], "stop": [1.0]}),
     "autoguidance": ("autoguidance", {"scale": [1.5, 2, 2.5, 3, 4, 6]}),
-    "s2": ("s2", {"scale": [3, 4, 6], "omega": [0.25, 1], "interval_unit": ["steps"]}),
-    "naive_s2": ("naive_s2", {"scale": [3, 4, 6], "omega": [0.25, 1], "interval_unit": ["steps"]}),
+    "s2": ("s2", {"scale": [2, 3, 4], "omega": [0.25, 1], "interval_unit": ["steps"]}),
+    "naive_s2": ("naive_s2", {"scale": [2, 3, 4], "omega": [0.25, 1], "interval_unit": ["steps"]}),
 }
 # S²'s window, named in every S² run's name: runs named without it were made before the window was read as step
 # fractions and before each image drew its own masks (σ ∈ [0.1, 0.9], one mask sequence per seed); they stay
@@ -681,7 +683,7 @@ def _one_run(pipe, guider, cond, uncond, noise) -> dict:
 
 
 def cost_worker(model: str, name: str, params: dict) -> None:
-    """Fresh process: one 32-image run of one method; prints its peak RSS (s2g.eval.cost.peak_rss: the high-water
+    """Fresh process: one batch (cost_batch) of one method; prints its peak RSS (s2g.eval.cost.peak_rss: the high-water
     mark is reset after the model is built, as scripts/benchmark.py does)."""
     import torch
 
@@ -690,9 +692,15 @@ def cost_worker(model: str, name: str, params: dict) -> None:
     torch.set_num_threads(1)
     guider = _guider(methods_for(model)[name][0], params)
     pipe = load_model(model)
-    cond, uncond = pipe.conditioning(val_prompts(model, 32))
-    noise = pipe.noise(32, 0)
+    cond, uncond = pipe.conditioning(val_prompts(model, cost_batch(model)))
+    noise = pipe.noise(cost_batch(model), 0)
     print(json.dumps(peak_rss(lambda: _one_run(pipe, guider, cond, uncond, noise))))
+
+
+def cost_batch(model: str) -> int:
+    """The cost item's batch: 32 images, or 8 clips (a clip is ~30x an image's work here; 8 keeps the video item,
+    9 methods x (timing + fresh-process memory) repeats, inside its budget)."""
+    return 8 if model in VIDEO_MODELS else 32
 
 
 def measure_cost(model: str, repeats: int, memory_repeats: int) -> dict:
@@ -705,8 +713,8 @@ def measure_cost(model: str, repeats: int, memory_repeats: int) -> dict:
     sel["naive_s2 N 8"] = dict(sel["s2"], num_subnetworks=8)
     names = list(sel)
     pipe = load_model(model)
-    cond, uncond = pipe.conditioning(val_prompts(model, 32))
-    noise = pipe.noise(32, 0)
+    cond, uncond = pipe.conditioning(val_prompts(model, cost_batch(model)))
+    noise = pipe.noise(cost_batch(model), 0)
     group = lambda n: methods_for(model)[n.split()[0]][0]  # noqa: E731
     rotate = lambda r: names[r % len(names):] + names[:r % len(names)]  # noqa: E731
     res = {n: [] for n in names}
@@ -739,7 +747,7 @@ def _median_range(values, digits: int, prefix: str = "") -> str:
 
 
 def cost(run: Runner, folder: Path, repeats: int = 6, memory_repeats: int = 5) -> None:
-    """Table 5 analog: per method at its val-selected setting, one batch of 32 val prompts, 28 Euler steps, one
+    """Table 5 analog: per method at its val-selected setting, one batch of val prompts (cost_batch), 28 Euler steps, one
     thread: NFE and block-row work (counts), wall time (`repeats` runs in one process, methods interleaved in a
     rotating order so that load drift hits all; each repeat's ratio to CFG's time in the same repeat) and peak
     RSS (`memory_repeats` fresh processes per method, interleaved likewise). The measurements are kept in
@@ -755,16 +763,18 @@ def cost(run: Runner, folder: Path, repeats: int = 6, memory_repeats: int = 5) -
         folder.mkdir(parents=True, exist_ok=True)
         saved.write_text(json.dumps(data, indent=1))
     c = rows["cfg"]
-    lines = [f"# Table 5 analog: cost per method ({run.model}, one batch of 32, 28 Euler steps, 1 thread)", "",
-             "NFE and work are counts (exact): NFE = network passes run per image (naive S²'s coinciding masks "
-             "in a step run once), work = block evaluations per image of the main network (the weak "
+    what = "clip" if run.prefix else "image"
+    lines = [f"# Table 5 analog: cost per method ({run.model}, one batch of {cost_batch(run.model)} {what}s, 28 Euler "
+             "steps, 1 thread)", "",
+             f"NFE and work are counts (exact): NFE = network passes run per {what} (naive S²'s coinciding masks "
+             f"in a step run once), work = block evaluations per {what} of the main network (the weak "
              "network's are listed apart: Autoguidance's weak model is 2/3 as wide). Time: median [min, max] of "
              f"{repeats} runs, methods interleaved; ×CFG = the same over each repeat's ratio to CFG's run in that "
              f"repeat. Peak RSS during sampling (model weights included): median [min, max] of {memory_repeats} "
              f"fresh processes per method. [min, max] of n repeats holds their median with probability "
              f"1 − 2·2⁻ⁿ ({1 - 2 * 0.5 ** repeats:.0%} for time, {1 - 2 * 0.5 ** memory_repeats:.0%} for memory). "
              "The shared 2-core machine, one thread per process.", "",
-             "| method | setting | NFE | work (×CFG) | weak work | s/image | s/image ×CFG | peak RSS MB | "
+             f"| method | setting | NFE | work (×CFG) | weak work | s/{what} | s/{what} ×CFG | peak RSS MB | "
              "peak RSS ×CFG |", "|---|---|---|---|---|---|---|---|---|"]
     for n, r in rows.items():
         t_ratio = [a / b for a, b in zip(r["seconds_per_image"], c["seconds_per_image"])]
