@@ -181,7 +181,7 @@ def test_video_claims_runs_and_tables(claims, tmp_path, monkeypatch):
     text = claims.tables([("S²", a, b), ("CFG", b, None)])
     assert text.splitlines()[0].startswith("|  | all correct | Δ all vs CFG | p | direction |")
     assert text.count("\n| S² |") == 3 and text.count("\n| CFG |") == 3
-    rows = {r[0]: r for r in claims.claim_rows(a, b)}
+    rows = {r[0]: r for r in claims.claim_rows(claims.claim_stats(a, b))}
     from s2g.eval.report import load_run
     ra, rb = load_run(a)["rows"], load_run(b)["rows"]
     flick = lambda rs: np.mean([float(r["temporal_flickering"]) for r in rs])  # noqa: E731

@@ -851,9 +851,10 @@ CLAIMS = [  # (key, what it measures, the paper's claim)
 ]
 
 
-def claim_rows(a: Path, b: Path) -> list[list[str]]:
-    """Each CLAIMS quantity for runs A and B on their shared (prompt, seed) clips where it applies to both: A's
-    mean, B's mean, A − B with its 95% interval over prompts and the sign-flip p."""
+def claim_stats(a: Path, b: Path) -> list[tuple]:
+    """Each CLAIMS quantity for runs A and B on their shared (prompt, seed) clips where it applies to both:
+    (what, claim, A's mean, B's mean, A − B with its 95% interval over prompts and sign-flip p, clips); the three
+    statistics are None where fewer than two prompts apply."""
     from s2g.eval.report import load_run
     from s2g.eval.stats import bootstrap_mean, paired_difference
 
@@ -865,13 +866,47 @@ def claim_rows(a: Path, b: Path) -> list[list[str]]:
     for key, what, claim in CLAIMS:
         keep = [(x[key], y[key], c) for x, y, c in pairs if x[key] is not None and y[key] is not None]
         if len({c for _, _, c in keep}) < 2:
-            out.append([what, claim, "—", "—", "—", "—", str(len(keep))])
+            out.append((what, claim, None, None, None, len(keep)))
             continue
         va, vb, cl = (np.array(v) for v in zip(*keep))
         d = paired_difference(va.astype(float), vb.astype(float), cl).as_dict()
         ia, ib = (bootstrap_mean(v.astype(float), cl).as_dict() for v in (va, vb))
-        out.append([what, claim, iv(ia), iv(ib), iv(d, signed=True), f"{d['p_value']:.3f}", str(len(keep))])
+        out.append((what, claim, ia, ib, d, len(keep)))
     return out
+
+
+def claim_rows(stats: list[tuple]) -> list[list[str]]:
+    """claim_stats as table rows: quantity, claim, A, B, A − B [95% interval], p, clips."""
+    return [[what, claim, "—", "—", "—", "—", str(n)] if d is None else
+            [what, claim, iv(ia), iv(ib), iv(d, signed=True), f"{d['p_value']:.3f}", str(n)]
+            for what, claim, ia, ib, d, n in stats]
+
+
+def claims_plot(comparisons: list[tuple[str, list[tuple]]], path: Path, title: str) -> None:
+    """Forest plot: each quantity's paired Δ (S² − CFG) with its 95% interval, one colour per comparison (the
+    residual in px, the rest as rates or ratios)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [what for what, *_ in comparisons[0][1]]
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(labels) + 1.2))
+    for j, (name, stats) in enumerate(comparisons):
+        y = np.arange(len(labels)) + (j - (len(comparisons) - 1) / 2) * 0.25
+        for yi, (_, _, _, _, d, _) in zip(y, stats):
+            if d is not None:
+                ax.errorbar(d["mean"], yi, xerr=[[d["mean"] - d["lo"]], [d["hi"] - d["mean"]]], fmt="o", ms=4,
+                            capsize=2, color=f"C{j}", label=name if yi == y[0] else None)
+    ax.axvline(0, color="grey", lw=0.8)
+    ax.set_yticks(np.arange(len(labels)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("Δ S² − CFG (paired, 95% interval over prompts)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
 
 
 def motion(run: Runner, folder: Path) -> None:
@@ -893,9 +928,11 @@ def motion(run: Runner, folder: Path) -> None:
             "Displacement: the largest distance from the start position (the evaluator's track), over the middle "
             "of the named motion's range (s2g.data.clips.displacement_range). Dimensions: s2g/eval/README_video.md.",
             ""]
-    for title, a, b, label in comparisons:
-        text += [f"## {title}: {label}", "", _markdown(head, claim_rows(a, b)), ""]
+    stats = [(title, claim_stats(a, b)) for title, a, b, _ in comparisons]
+    for (title, _, _, label), (_, st) in zip(comparisons, stats):
+        text += [f"## {title}: {label}", "", _markdown(head, claim_rows(st)), ""]
     write(folder, "table.md", "\n".join(text))
+    claims_plot(stats, folder / "plot.png", f"the video claims, S² − CFG ({run.model}, test, {run.count('test')})")
 
 
 ITEMS = {"best": best, "fixed": fixed, "blocks": blocks, "sweeps": sweeps, "subnetworks": subnetworks,
