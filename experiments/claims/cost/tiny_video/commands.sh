@@ -1,0 +1,1 @@
+python experiments/claims/claims.py cost --model tiny_video
