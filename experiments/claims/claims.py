@@ -33,8 +33,8 @@ Protocol (fixed before any test run):
 - ablations (items 3-8) on ABLATION (the first 100 test prompts x seeds 0, 1, 2), around S²'s val-selected
   setting; nothing is chosen on them.
 - video: the same rules on video_val (the first 64 val prompts x seed 0), video_test (the first 150 test prompts
-  x seeds 0, 1, 2 = 450 clips per method) and video_ablation (those 150 prompts x seed 0), sized to the budget
-  of 6 h of one thread for every video item (a clip costs about 1.3 s at 2 NFE a step here).
+  x seeds 0, 1, 2 = 450 clips per method) and video_ablation (those 150 prompts x seed 0), sized for a budget
+  of 6 h of one thread for every video item (a clip costs about 1.3 s at 2 NFE a step here); they took 7.6 h.
 
 Every table number carries its 95% interval over prompts (see INTERVALS); runs written before precision/recall
 had intervals are rescored from their saved features once (fidelity_rescored.json), and paired differences are
