@@ -556,7 +556,9 @@ def sweeps(run: Runner, folder: Path) -> None:
     sel = s2_selected(run.model)["s2"]
     lam, omega = sel["scale"], sel["omega"]
     omegas = [(f"S² ω {fmt(w)}", "s2", dict(sel, omega=w)) for w in (0.25, 0.5, 1, 2)]
-    if run.prefix:  # video: the ω sweep alone (the budget), ω 0 = the CFG row
+    if run.prefix:  # video: the ω sweep alone (the budget), ω 0 = the CFG row
+        write(folder, "table.md", f"# Fig. 7b analog ({run.model}): the ω sweep (omega/table.md); the λ sweep "
+              "and the σ interval are run on images only\n")
         around_s2(run, folder / "omega", "Fig. 7b analog: ω sweep (ω 0 = CFG)", omegas)
         return
     write(folder, "table.md", f"# Fig. 7 analogs ({run.model}): the λ sweep (lambda/table.md), the ω sweep "
