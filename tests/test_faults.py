@@ -257,7 +257,17 @@ def _start(run_dir, torchrun: int = 0):
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"] \
         if torchrun else [sys.executable]
     return subprocess.Popen([*launch, str(ROOT / "scripts" / "evaluate.py"), *RESUMABLE, f"hydra.run.dir={run_dir}"],
-                            cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint)
+
+
+def _default_sigint():
+    """In the child, before exec: SIGINT back to its default. A shell that starts a job in the background (`.ci/run
+    &`) makes it ignore SIGINT, an ignored signal stays ignored across exec, and Python then installs no
+    KeyboardInterrupt handler: Ctrl-C would do nothing, and the interrupt test would see a run that finished."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _first_batch(run_dir, proc, timeout=120):
