@@ -457,6 +457,24 @@ def plot(points: list[tuple], path: Path, title: str, base: Path | None = None) 
     plot_adherence_fd(own, path, title, deltas)
 
 
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend (files only: the items run headless)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
 def write(folder: Path, name: str, text: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / name).write_text(text)
@@ -582,11 +600,7 @@ def sweeps(run: Runner, folder: Path) -> None:
 
 
 def subnetworks(run: Runner, folder: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     sel = s2_selected(run.model)["s2"]
     rows = around_s2(run, folder, "Fig. 8 analog: N sub-networks per step (quality against cost)",
                      [(f"S² N {n}", "s2", dict(sel, num_subnetworks=n)) for n in (1, 2, 4, 8)])
@@ -600,9 +614,7 @@ def subnetworks(run: Runner, folder: Path) -> None:
     ax.set_xlabel(f"NFE per {unit(rows[0][1])} (28 steps)")
     ax.set_ylabel("all correct")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(folder / "cost.png", dpi=150)
-    plt.close(fig)
+    _save(fig, folder / "cost.png")
 
 
 def form(run: Runner, folder: Path) -> None:
@@ -794,11 +806,7 @@ def cost(run: Runner, folder: Path, repeats: int = 6, memory_repeats: int = 5) -
 
 
 def cost_plot(rows: dict, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     c = rows["cfg"]
     names = list(rows)
     fig, ax = plt.subplots(figsize=(8, 4))
@@ -814,9 +822,7 @@ def cost_plot(rows: dict, path: Path, title: str) -> None:
     ax.set_ylabel("× CFG")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def _motion_values(row: dict) -> dict:
@@ -887,11 +893,7 @@ def claim_rows(stats: list[tuple]) -> list[list[str]]:
 def claims_plot(comparisons: list[tuple[str, list[tuple]]], path: Path, title: str) -> None:
     """Forest plot: each quantity's paired Δ (S² − CFG) with its 95% interval, one colour per comparison (the
     residual in px, the rest as rates or ratios)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     labels = [what for what, *_ in comparisons[0][1]]
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(labels) + 1.2))
     for j, (name, stats) in enumerate(comparisons):
@@ -906,9 +908,7 @@ def claims_plot(comparisons: list[tuple[str, list[tuple]]], path: Path, title: s
     ax.set_xlabel("Δ S² − CFG (paired, 95% interval over prompts)")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def motion(run: Runner, folder: Path) -> None:
